@@ -1,0 +1,1 @@
+"""The optimenv controller: reconciles OptimEnv resources into ConfigMaps and jobs."""

@@ -1,0 +1,1 @@
+"""Worker bootstrap: apply a worker spec inside each pod or Ray worker before Accelerate starts."""

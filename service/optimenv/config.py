@@ -1,0 +1,513 @@
+"""Pydantic models of the part of an Axolotl config that decides the distributed environment.
+
+Users hand us the file they train with: keys outside the sections we own are kept untouched.
+Inside ``fsdp_config`` every key is ours, so a misspelt one is an error with a suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from optimenv import deepspeed as ds
+from optimenv.errors import ConfigError
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+StateDictType = Literal["FULL_STATE_DICT", "LOCAL_STATE_DICT", "SHARDED_STATE_DICT"]
+ShardingStrategy = Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"]
+BackwardPrefetch = Literal["BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH"]
+_SHARDING_BY_NUMBER = {str(i + 1): s for i, s in enumerate(ShardingStrategy.__args__)}  # type: ignore[attr-defined]
+LEGACY_FSDP_ITEMS = (
+    "full_shard",
+    "shard_grad_op",
+    "no_shard",
+    "hybrid_shard",
+    "hybrid_shard_zero2",
+    "offload",
+    "auto_wrap",
+)
+BNB_8BIT_OPTIMIZERS = frozenset({"adamw_8bit", "adamw_bnb_8bit"})
+
+
+class FSDPConfig(BaseModel):
+    """``fsdp_config``: every key Axolotl reads plus the FSDP1 keys Accelerate reads from env."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fsdp_version: Literal[1, 2] | None = None
+    activation_checkpointing: bool | None = None
+    offload_params: bool | None = None
+    sync_module_states: bool | None = None
+    cpu_ram_efficient_loading: bool | None = None
+    cpu_offload_pin_memory: bool | None = None
+    use_orig_params: bool | None = None
+    state_dict_type: StateDictType | None = None
+    final_state_dict_type: StateDictType | None = None
+    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP"] | None = None
+    transformer_layer_cls_to_wrap: str | None = None
+    min_num_params: int | None = Field(default=None, ge=1)
+    reshard_after_forward: bool | None = None
+    mixed_precision_policy: str | None = None
+    # Accepted by Accelerate (FSDP1) but dropped by Axolotl's schema (defect D1).
+    sharding_strategy: ShardingStrategy | None = None
+    backward_prefetch: BackwardPrefetch | None = None
+    forward_prefetch: bool | None = None
+    limit_all_gathers: bool | None = None
+
+    @field_validator(
+        "state_dict_type", "final_state_dict_type", "auto_wrap_policy", "backward_prefetch", mode="before"
+    )
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("sharding_strategy", mode="before")
+    @classmethod
+    def _sharding(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if isinstance(value, str):
+            value = _SHARDING_BY_NUMBER.get(value.strip(), value.strip().upper())
+        return value
+
+    @field_validator("transformer_layer_cls_to_wrap", mode="before")
+    @classmethod
+    def _classes(cls, value: Any) -> Any:
+        # Accelerate splits on "," without stripping, so "A, B" would look for " B".
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",")]
+            if not all(parts):
+                raise ValueError("class names must be non-empty, separated by commas")
+            value = ",".join(parts)
+        return value
+
+    @model_validator(mode="after")
+    def _size_wrap_needs_min(self) -> FSDPConfig:
+        if self.auto_wrap_policy == "SIZE_BASED_WRAP" and self.min_num_params is None:
+            raise ValueError("auto_wrap_policy SIZE_BASED_WRAP needs min_num_params")
+        return self
+
+
+_FSDP_KEYS = tuple(FSDPConfig.model_fields)
+
+
+def _normalise_fsdp_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """Strip the ``fsdp_`` prefix (only the prefix; Axolotl removes every occurrence, D19)."""
+    out: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError("fsdp_config", f"keys must be strings, got {key!r}")
+        name = key if key == "fsdp_version" else key.removeprefix("fsdp_")
+        if name == "version":
+            name = "fsdp_version"
+        if name in out and out[name] != value:
+            raise ConfigError(
+                f"fsdp_config.{key}",
+                f"conflicts with fsdp_config.{origin[name]} ({value!r} vs {out[name]!r})",
+                "keep one of the two spellings",
+            )
+        out[name] = value
+        origin[name] = key
+    for name in out:
+        if name not in _FSDP_KEYS:
+            raise ConfigError(f"fsdp_config.{origin[name]}", "unknown key", _did_you_mean(name, _FSDP_KEYS))
+    return out
+
+
+def _did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return "known keys: " + ", ".join(sorted(choices))
+
+
+class TrainingConfig(BaseModel):
+    """An Axolotl-style training config; keys we do not own are kept as they are."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    fsdp: list[str] | None = None
+    fsdp_version: Literal[1, 2] | None = None
+    fsdp_config: FSDPConfig | None = None
+    deepspeed: str | dict[str, Any] | None = None
+    deepcompile: bool | None = None
+    bf16: Literal["auto"] | bool | None = "auto"
+    fp16: bool | None = None
+    fp8: bool | None = None
+    fp8_enable_fsdp_float8_all_gather: bool | None = None
+    tf32: Literal["auto"] | bool | None = "auto"
+    torch_compile: Literal["auto"] | bool | None = None
+    torch_compile_backend: str | None = None
+    tensor_parallel_size: int | None = Field(default=None, ge=1)
+    dp_shard_size: int | None = Field(default=None, ge=1)
+    dp_replicate_size: int | None = Field(default=None, ge=1)
+    context_parallel_size: int | None = Field(default=None, ge=1)
+    sequence_parallel_degree: int | None = Field(default=None, ge=1)
+    expert_parallel_size: int | None = Field(default=None, ge=1)
+    gradient_accumulation_steps: int | None = Field(default=1, ge=1)
+    micro_batch_size: int | None = Field(default=1, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    ddp_timeout: int | None = Field(default=None, ge=1)
+    use_ray: bool = False
+    ray_run_name: str | None = None
+    ray_num_workers: int = Field(default=1, ge=1)
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"GPU": 1.0})
+
+    _deepspeed_json: dict[str, Any] | None = PrivateAttr(default=None)
+    _deepspeed_origin: str | None = PrivateAttr(default=None)
+
+    @field_validator("fsdp", mode="before")
+    @classmethod
+    def _legacy_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split()
+        if isinstance(value, list):
+            for item in value:
+                if item not in LEGACY_FSDP_ITEMS:
+                    hint = _did_you_mean(str(item), LEGACY_FSDP_ITEMS)
+                    raise ValueError(f"unknown item {item!r}; {hint}")
+        return value
+
+    @field_validator("torch_compile_backend", mode="before")
+    @classmethod
+    def _backend(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            upper = value.upper()
+            if upper not in DYNAMO_BACKENDS:
+                raise ValueError(f"unknown backend {value!r}; {_did_you_mean(upper, DYNAMO_BACKENDS)}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prepare(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        raw = data.get("fsdp_config")
+        top = data.get("fsdp_version")
+        if isinstance(raw, dict):
+            fc = _normalise_fsdp_keys(raw)
+            inner = fc.get("fsdp_version")
+            if top is not None and inner is not None and str(top) != str(inner):
+                raise ConfigError(
+                    "fsdp_version",
+                    f"{top!r} conflicts with fsdp_config.fsdp_version {inner!r}",
+                    "set the FSDP version in one place",
+                )
+            version = top if top is not None else inner
+            if version is None and fc:
+                # transformers >= 5.10 defaults a missing version to 2 while Accelerate's env
+                # default is 1: pin 1, as Axolotl does, so both channels agree.
+                version = 1
+            if fc:
+                fc["fsdp_version"] = version
+            data["fsdp_config"] = fc
+            if version is not None:
+                data["fsdp_version"] = version
+        sp = data.get("sequence_parallel_degree")
+        cp = data.get("context_parallel_size")
+        if sp is not None:
+            if cp is not None and cp != sp:
+                raise ConfigError(
+                    "sequence_parallel_degree",
+                    f"{sp!r} conflicts with context_parallel_size {cp!r}",
+                    "sequence_parallel_degree is the deprecated name of context_parallel_size; keep one",
+                )
+            data["context_parallel_size"] = sp
+        return data
+
+    @model_validator(mode="after")
+    def _resolve_deepspeed(self, info: ValidationInfo) -> TrainingConfig:
+        value = self.deepspeed
+        if value is None:
+            return self
+        if isinstance(value, dict):
+            self._deepspeed_json = dict(value)
+            self._deepspeed_origin = "inline"
+        elif value in ds.PRESETS:
+            self._deepspeed_json = ds.preset(value)
+            self._deepspeed_origin = f"preset:{value}"
+        else:
+            if not value.strip():
+                raise ConfigError("deepspeed", "must not be empty", "remove it or name a preset or a file")
+            context = info.context or {}
+            base_dirs = tuple(context.get("base_dirs", ())) or (Path.cwd(),)
+            path, content = ds.load_file(value, base_dirs)
+            self._deepspeed_json = content
+            self._deepspeed_origin = f"file:{path}"
+        ds.zero_stage(self._deepspeed_json)
+        return self
+
+    @model_validator(mode="after")
+    def _axolotl_rules(self) -> TrainingConfig:
+        _check_rules(self)
+        return self
+
+    # ---- derived views used by the planner -------------------------------------------------
+    @property
+    def deepspeed_json(self) -> dict[str, Any] | None:
+        """The DeepSpeed JSON this config names (file, preset or inline), as loaded."""
+        return self._deepspeed_json
+
+    @property
+    def deepspeed_origin(self) -> str | None:
+        """``inline``, ``preset:<name>`` or ``file:<path>``."""
+        return self._deepspeed_origin
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """Axolotl's condition ``cfg.fsdp or cfg.fsdp_config`` (an empty mapping is falsy)."""
+        return bool(self.fsdp) or bool(self.fsdp_config and self.fsdp_config.model_fields_set)
+
+    @property
+    def effective_fsdp_version(self) -> int:
+        """The FSDP version in force: explicit, pinned to 1 for a non-empty config, 1 for the list."""
+        return self.fsdp_version or 1
+
+    def extra(self, key: str) -> Any:
+        """A key outside the sections we own (``optimizer``, ``load_in_4bit`` …), or None."""
+        return (self.model_extra or {}).get(key)
+
+
+DYNAMO_BACKENDS = (
+    "NO",
+    "EAGER",
+    "AOT_EAGER",
+    "INDUCTOR",
+    "AOT_TS_NVFUSER",
+    "NVPRIMS_NVFUSER",
+    "CUDAGRAPHS",
+    "OFI",
+    "FX2TRT",
+    "ONNXRT",
+    "TENSORRT",
+    "AOT_TORCHXLA_TRACE_ONCE",
+    "TORCHXLA_TRACE_ONCE",
+    "TVM",
+    "HPU_BACKEND",
+    "NEURON",
+)
+
+
+def _check_rules(cfg: TrainingConfig) -> None:
+    """Axolotl's validators for the fields we own, plus the contradictions that train wrongly."""
+    fc = cfg.fsdp_config
+    fsdp_on = cfg.fsdp_enabled
+    version = cfg.effective_fsdp_version
+    optimizer = cfg.extra("optimizer")
+
+    if cfg.deepspeed is not None and cfg.fsdp:
+        raise ConfigError("deepspeed", "deepspeed and fsdp cannot be used together", "remove one of them")
+    if cfg.deepspeed is not None and fsdp_on:
+        raise ConfigError(
+            "deepspeed",
+            "deepspeed and fsdp_config cannot be used together (Axolotl silently drops DeepSpeed here)",
+            "remove fsdp_config or deepspeed",
+        )
+    if "batch_size" in cfg.model_fields_set and cfg.batch_size is not None:
+        if (
+            cfg.gradient_accumulation_steps is not None
+            and "gradient_accumulation_steps" in cfg.model_fields_set
+        ):
+            raise ConfigError(
+                "batch_size",
+                "please set only one of gradient_accumulation_steps or batch_size",
+                "batch_size is derived as micro_batch_size x gradient_accumulation_steps",
+            )
+        if cfg.micro_batch_size is None:
+            raise ConfigError("micro_batch_size", "is required when batch_size is set")
+        if cfg.batch_size % cfg.micro_batch_size:
+            raise ConfigError(
+                "batch_size",
+                f"{cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size}",
+            )
+    elif cfg.gradient_accumulation_steps is None:
+        raise ConfigError(
+            "gradient_accumulation_steps", "is null and batch_size is not set", "set one of them"
+        )
+    if fc is not None and fc.cpu_offload_pin_memory is False and not (version == 2 and fc.offload_params):
+        raise ConfigError(
+            "fsdp_config.cpu_offload_pin_memory",
+            "false needs fsdp_version 2 and offload_params: true",
+        )
+    if fsdp_on and version == 2 and optimizer in BNB_8BIT_OPTIMIZERS:
+        raise ConfigError(
+            "optimizer", f"FSDP2 not compatible with {optimizer}", "use adamw_torch_8bit instead"
+        )
+    if (
+        fsdp_on
+        and version == 1
+        and fc is not None
+        and fc.offload_params
+        and isinstance(optimizer, str)
+        and "8bit" in optimizer
+    ):
+        raise ConfigError(
+            "optimizer",
+            f"FSDP1 with offload_params is not compatible with {optimizer}",
+            "use a non-8-bit optimizer or fsdp_version 2",
+        )
+    if (
+        fsdp_on
+        and version == 2
+        and fc is not None
+        and fc.cpu_ram_efficient_loading
+        and cfg.extra("load_in_4bit") is True
+    ):
+        raise ConfigError(
+            "fsdp_config.cpu_ram_efficient_loading",
+            "FSDP2 does not support cpu_ram_efficient_loading with load_in_4bit",
+            "set fsdp_config.cpu_ram_efficient_loading to false",
+        )
+    if cfg.fp8_enable_fsdp_float8_all_gather and not (fsdp_on and version == 2):
+        raise ConfigError("fp8_enable_fsdp_float8_all_gather", "needs FSDP2 (fsdp_version: 2)")
+    if cfg.deepcompile and cfg.deepspeed is None:
+        raise ConfigError("deepcompile", "needs deepspeed")
+    if (cfg.tensor_parallel_size or 1) > 1 and optimizer in BNB_8BIT_OPTIMIZERS | {"paged_adamw_8bit"}:
+        raise ConfigError("optimizer", f"tensor parallelism is not compatible with {optimizer}")
+    if (
+        (cfg.context_parallel_size or 1) > 1
+        and cfg.extra("sample_packing")
+        and (cfg.micro_batch_size or 1) != 1
+    ):
+        raise ConfigError(
+            "micro_batch_size",
+            "must be 1 with context_parallel_size > 1 and sample_packing",
+        )
+    if fc is not None and fsdp_on:
+        _check_sharding(fc, version)
+
+
+def _check_sharding(fc: FSDPConfig, version: int) -> None:
+    strategy = fc.sharding_strategy
+    if strategy is None:
+        return
+    reshard = fc.reshard_after_forward
+    implied = strategy in ("FULL_SHARD", "HYBRID_SHARD")
+    if version == 2:
+        if strategy in ("HYBRID_SHARD", "HYBRID_SHARD_ZERO2"):
+            raise ConfigError(
+                "fsdp_config.sharding_strategy",
+                f"{strategy} has no FSDP2 equivalent",
+                "use dp_replicate_size > 1 with dp_shard_size > 1 for HSDP",
+            )
+        if strategy == "NO_SHARD":
+            raise ConfigError(
+                "fsdp_config.sharding_strategy",
+                "NO_SHARD has no FSDP2 equivalent (FSDP2 always shards)",
+                "use DDP (no fsdp_config) or remove sharding_strategy",
+            )
+    if reshard is not None and strategy != "NO_SHARD" and reshard != implied:
+        raise ConfigError(
+            "fsdp_config.reshard_after_forward",
+            f"{str(reshard).lower()} contradicts sharding_strategy {strategy}",
+            "drop one of the two",
+        )
+
+
+def parse_config(
+    data: Any,
+    *,
+    base_dirs: tuple[Path, ...] = (),
+) -> TrainingConfig:
+    """Validate an already-parsed config mapping; relative DeepSpeed paths resolve in ``base_dirs``."""
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"top level must be a mapping, got {type(data).__name__}")
+    try:
+        return TrainingConfig.model_validate(data, context={"base_dirs": base_dirs})
+    except ValidationError as exc:
+        raise _from_pydantic(exc) from None
+
+
+def load_config(
+    source: str | Path,
+    *,
+    text: str | None = None,
+    base_dirs: tuple[Path, ...] | None = None,
+) -> TrainingConfig:
+    """Read and validate a YAML config from ``source`` (a path), or from ``text`` when given.
+
+    Relative DeepSpeed paths resolve against the config's folder, then the working directory.
+    """
+    if text is None:
+        path = Path(source)
+        try:
+            size = path.stat().st_size
+            if size > MAX_CONFIG_BYTES:
+                raise ConfigError("config", f"{path} is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError("config", f"{path} is not UTF-8 text") from None
+        dirs: tuple[Path, ...] = (path.resolve().parent, Path.cwd())
+    else:
+        if len(text.encode("utf-8")) > MAX_CONFIG_BYTES:
+            raise ConfigError("config", f"input is larger than the limit of {MAX_CONFIG_BYTES} bytes")
+        dirs = (Path.cwd(),)
+    data = parse_yaml(text)
+    return parse_config(data, base_dirs=base_dirs if base_dirs is not None else dirs)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with one-line errors."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError("config", f"not valid YAML{where}: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", f"not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError("config", "YAML nesting is too deep") from None
+    if data is None:
+        raise ConfigError("config", "is empty")
+    return data
+
+
+def _from_pydantic(exc: ValidationError) -> ConfigError:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = [str(p) for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+    # Drop union branch labels such as "literal['auto']" / "bool" that pydantic adds to loc.
+    loc = [
+        p
+        for p in loc
+        if not p.startswith(("literal[", "bool", "int", "str", "dict[", "list["))
+        or (p.isidentifier()
+        and p in TrainingConfig.model_fields)
+    ]
+    field = ".".join(loc) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        name = loc[-1] if loc else ""
+        return ConfigError(field, "unknown key", _did_you_mean(name, _FSDP_KEYS))
+    if "input" in first and first["type"] not in ("value_error", "assertion_error", "missing"):
+        shown = repr(first["input"])
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        msg = f"{msg} (got {shown})"
+    more = len({tuple(e["loc"]) for e in errors}) - 1
+    if more > 0:
+        msg = f"{msg}; {more} more error(s)"
+    return ConfigError(field, msg)

@@ -1,0 +1,137 @@
+"""DeepSpeed configs: the shipped presets, loading a file or a mapping, and ZeRO-stage detection.
+
+Presets follow DeepSpeed's configuration documentation: batch sizes, gradient accumulation and
+clipping are ``"auto"`` (Accelerate or the HF Trainer fill them from the training arguments),
+mixed precision is ``"auto"`` (filled from ``ACCELERATE_MIXED_PRECISION``), and the stage is a
+number, because Accelerate ignores ``ACCELERATE_DEEPSPEED_ZERO_STAGE`` when the file has one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from optimenv.errors import ConfigError
+
+_AUTO_BATCH: dict[str, Any] = {
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "fp16": {
+        "enabled": "auto",
+        "loss_scale": 0,
+        "initial_scale_power": 16,
+        "loss_scale_window": 1000,
+        "hysteresis": 2,
+        "min_loss_scale": 1,
+    },
+    "wall_clock_breakdown": False,
+}
+
+_ZERO3_COMMON: dict[str, Any] = {
+    "stage": 3,
+    "overlap_comm": True,
+    "contiguous_gradients": True,
+    "reduce_bucket_size": "auto",
+    "stage3_prefetch_bucket_size": "auto",
+    "stage3_param_persistence_threshold": "auto",
+    "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+    "stage3_gather_16bit_weights_on_model_save": True,
+}
+
+_CPU_PINNED = {"device": "cpu", "pin_memory": True}
+
+
+def _preset(zero: dict[str, Any], **top: Any) -> dict[str, Any]:
+    return {**copy.deepcopy(_AUTO_BATCH), "zero_optimization": zero, **top}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "zero1": _preset({"stage": 1, "overlap_comm": True}),
+    "zero2": _preset(
+        {
+            "stage": 2,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": "auto",
+            "allgather_bucket_size": 200_000_000,
+        }
+    ),
+    "zero3": _preset(dict(_ZERO3_COMMON)),
+    "zero3_offload_params": _preset(
+        {**_ZERO3_COMMON, "offload_param": dict(_CPU_PINNED)},
+        zero_force_ds_cpu_optimizer=False,
+    ),
+    "zero3_offload_all": _preset(
+        {**_ZERO3_COMMON, "offload_param": dict(_CPU_PINNED), "offload_optimizer": dict(_CPU_PINNED)},
+        zero_allow_untested_optimizer=True,
+    ),
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A fresh copy of a shipped preset."""
+    return copy.deepcopy(PRESETS[name])
+
+
+def load_file(
+    value: str, base_dirs: tuple[Path, ...], field: str = "deepspeed"
+) -> tuple[Path, dict[str, Any]]:
+    """Find ``value`` (absolute, or relative to each of ``base_dirs`` in turn) and parse it."""
+    candidate = Path(value)
+    tried = [candidate] if candidate.is_absolute() else [d / candidate for d in base_dirs]
+    for path in tried:
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ConfigError(field, f"DeepSpeed file {str(path)!r} is not valid JSON: {exc}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(field, f"DeepSpeed file {str(path)!r} must hold a JSON object")
+            return path, data
+    where = ", ".join(str(p.parent) for p in tried) or "."
+    names = ", ".join(sorted(PRESETS))
+    raise ConfigError(
+        field,
+        f"DeepSpeed file {value!r} not found (looked in {where})",
+        f"give an existing path, a preset name ({names}) or an inline mapping",
+    )
+
+
+def zero_stage(ds: dict[str, Any], field: str = "deepspeed") -> int | None:
+    """The ZeRO stage as an int, or None when the JSON does not say.
+
+    A string such as ``"3"`` is accepted and normalised (Axolotl exports it but does not turn on
+    ZeRO-3 init for it, defect D4); anything else that is not 0-3 is refused, because Accelerate
+    would fail on it later (``int("auto")``).
+    """
+    zero = ds.get("zero_optimization")
+    if zero is None:
+        return None
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{field}.zero_optimization", "must be a mapping")
+    stage = zero.get("stage")
+    if stage is None:
+        return None
+    if isinstance(stage, bool):
+        raise ConfigError(f"{field}.zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
+    if isinstance(stage, str) and stage.strip().isdigit():
+        stage = int(stage.strip())
+    if not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{field}.zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
+    return stage
+
+
+def precision_flag(ds: dict[str, Any], key: str) -> bool | str | None:
+    """``ds[key]["enabled"]`` (``bf16`` / ``fp16``), or None when absent."""
+    section = ds.get(key)
+    if isinstance(section, dict):
+        value = section.get("enabled")
+        if isinstance(value, bool | str):
+            return value
+    return None

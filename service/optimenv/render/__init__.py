@@ -1,0 +1,1 @@
+"""Renderers: a Plan into Kubernetes objects (RayJob, PyTorchJob, TrainJob, ConfigMaps)."""
