@@ -19,8 +19,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Subcommands that live in other modules (some need optional extras); imported only when used.
 _LAZY: dict[str, tuple[str, str]] = {
-    "render": ("optimenv.render.cli", "render"),
-    "crd": ("optimenv.render.cli", "crd"),
+    "render": ("optimenv.render.cli", "render_command"),
+    "crd": ("optimenv.resource", "crd_command"),
     "ray-launch": ("optimenv.bootstrap.ray_launch", "ray_launch_command"),
     "run": ("optimenv.local_run", "run_command"),
     "controller": ("optimenv_controller.main", "controller_command"),
