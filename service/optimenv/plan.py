@@ -10,11 +10,13 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from optimenv import deepspeed as ds
-from optimenv.config import TrainingConfig
 from optimenv.errors import ConfigError
+
+if TYPE_CHECKING:
+    from optimenv.config import TrainingConfig
 
 DEFAULT_DEEPSPEED_PATH = "/etc/optimenv/deepspeed.json"
 

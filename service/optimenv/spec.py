@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from optimenv.errors import OptimEnvError
-from optimenv.plan import Plan
+
+if TYPE_CHECKING:  # the bootstrap reads specs without importing the planner (pydantic, yaml)
+    from optimenv.plan import Plan
 
 API_VERSION = "optimenv.dev/v1alpha1"
 KIND = "WorkerSpec"
