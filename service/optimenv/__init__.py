@@ -24,7 +24,18 @@ _EXPORTS = {
     "Plan": "optimenv.plan",
     "plan": "optimenv.plan",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ConfigError",
+    "Deferred",
+    "EnvVar",
+    "Hardware",
+    "OptimEnvError",
+    "Plan",
+    "TrainingConfig",
+    "load_config",
+    "parse_config",
+    "plan",
+]
 __version__ = "0.1.0"
 
 
@@ -32,4 +43,7 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'optimenv' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), name)
+    # Importing optimenv.plan binds the submodule to this name; the function must win, as it did.
+    globals()[name] = value
+    return value

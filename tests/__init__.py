@@ -1,0 +1,1 @@
+"""Test suite (a package so helper modules such as tests.render.validators can be imported)."""

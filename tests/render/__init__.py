@@ -1,0 +1,1 @@
+"""Renderer tests and the strict manifest validators other suites reuse."""
