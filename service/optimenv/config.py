@@ -494,8 +494,7 @@ def _from_pydantic(exc: ValidationError) -> ConfigError:
         p
         for p in loc
         if not p.startswith(("literal[", "bool", "int", "str", "dict[", "list["))
-        or (p.isidentifier()
-        and p in TrainingConfig.model_fields)
+        or (p.isidentifier() and p in TrainingConfig.model_fields)
     ]
     field = ".".join(loc) or "config"
     msg = first["msg"].removeprefix("Value error, ")
@@ -507,7 +506,41 @@ def _from_pydantic(exc: ValidationError) -> ConfigError:
         if len(shown) > 60:
             shown = shown[:57] + "..."
         msg = f"{msg} (got {shown})"
-    more = len({tuple(e["loc"]) for e in errors}) - 1
+    same_field = [e for e in errors if _field_of(e) == field]
+    if len(same_field) > 1:
+        # A union such as bf16: "auto" | bool failed on every branch: say what each accepts.
+        allowed = " or ".join(dict.fromkeys(_expected(e) for e in same_field))
+        msg = f"must be {allowed} (got {first['input']!r})"
+    more = len({_field_of(e) for e in errors}) - 1
     if more > 0:
         msg = f"{msg}; {more} more error(s)"
     return ConfigError(field, msg)
+
+
+def _field_of(error: Any) -> str:
+    """The dotted field path of a pydantic error, without union-branch labels (``literal['auto']``)."""
+    parts = [str(p) for p in error["loc"]]
+    parts = [
+        p
+        for p in parts
+        if not p.startswith(("literal[", "function-", "json-or-python"))
+        and p not in ("bool", "int", "str", "float", "dict[str,any]", "list[str]")
+    ]
+    return ".".join(parts) or "config"
+
+
+def _expected(error: Any) -> str:
+    kind = error["type"]
+    if kind == "literal_error":
+        return str(error.get("ctx", {}).get("expected", "a listed value"))
+    names = {
+        "bool_parsing": "true/false",
+        "bool_type": "true/false",
+        "int_parsing": "a whole number",
+        "int_type": "a whole number",
+        "string_type": "a string",
+        "dict_type": "a mapping",
+        "list_type": "a list",
+        "float_parsing": "a number",
+    }
+    return names.get(kind, str(error["msg"]))
