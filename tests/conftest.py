@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,9 @@ SHARED = Path(os.environ.get("OPTIMENV_SHARED", REPO.parent / "shared"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Test clusters listen on 127.0.0.1 only; with Ray's default token auth, a second driver connecting
+# to the session cluster (ray_address) would need the token file Ray writes into ~/.ray.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +39,48 @@ def shared() -> Path:
 @pytest.fixture(scope="session")
 def corpus(shared: Path) -> Path:
     return shared / "corpus" / "axolotl"
+
+
+# Started in its own process so the test process never imports Ray; stopping it = closing stdin.
+_RAY_HEAD = """
+import sys, ray
+ctx = ray.init(num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[1], configure_logging=False)
+print(ctx.address_info["gcs_address"], flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """A local Ray cluster with 2 CPUs for the whole session; its address (pass it as RAY_ADDRESS)."""
+    # Short path under /tmp: Ray's socket paths must stay under the 107-character limit.
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    log = Path(temp, "head.log")
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _RAY_HEAD, temp],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    assert proc.stdout is not None and proc.stdin is not None
+    address = proc.stdout.readline().strip()
+    if not address:
+        proc.kill()
+        proc.wait()
+        tail = log.read_text()[-2000:]
+        shutil.rmtree(temp, ignore_errors=True)
+        pytest.fail(f"the session's Ray cluster did not start:\n{tail}")
+    try:
+        yield address
+    finally:
+        proc.stdin.close()
+        proc.stdout.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)

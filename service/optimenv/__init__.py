@@ -43,7 +43,10 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'optimenv' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    # Importing optimenv.plan binds the submodule to this name; the function must win, as it did.
-    globals()[name] = value
-    return value
+    loaded = importlib.import_module(module)
+    # Importing optimenv.plan binds the submodule to the name "plan": bind every export of that
+    # module now, so the function wins over the submodule whichever name is asked for first.
+    for export, home in _EXPORTS.items():
+        if home == module:
+            globals()[export] = getattr(loaded, export)
+    return globals()[name]

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 import click
 
-from optimenv.config import TrainingConfig, load_config
-from optimenv.errors import OptimEnvError
+from optimenv.config import MAX_CONFIG_BYTES, TrainingConfig, load_config
+from optimenv.errors import ConfigError, OptimEnvError
 from optimenv.plan import DEFAULT_DEEPSPEED_PATH, Hardware, Plan, plan
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -93,7 +93,17 @@ def hardware_from(kwargs: dict[str, Any]) -> Hardware:
 def read_config(source: str) -> TrainingConfig:
     """CONFIG argument: a path, or ``-`` for standard input."""
     if source == "-":
-        return load_config("<stdin>", text=sys.stdin.read())
+        # Bytes, bounded: a text read would pass undecodable bytes on as surrogates.
+        raw = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                "config", f"standard input is larger than the limit of {MAX_CONFIG_BYTES} bytes"
+            )
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError("config", "standard input is not UTF-8 text") from None
+        return load_config("<stdin>", text=text)
     return load_config(Path(source))
 
 
@@ -111,7 +121,8 @@ def cli() -> None:
 @click.argument("config")
 def validate(config: str) -> None:
     """Check CONFIG (a path or - for stdin); exit 0 if valid, 1 with the field path if not."""
-    read_config(config)
+    # Planning for unknown hardware finds the contradictions that no hardware can resolve.
+    plan(read_config(config))
     click.echo(f"{config}: valid", err=True)
 
 
@@ -126,8 +137,7 @@ def plan_command(config: str, output: str, **kwargs: Any) -> None:
     result = plan_from_args(config, kwargs)
     if output == "json":
         click.echo(result.to_json(), nl=False)
-        return
-    if output == "env":
+    elif output == "env":
         for var in result.env:
             click.echo(f"{var.name}={_shell_quote(var.value)}")
     else:
@@ -158,7 +168,8 @@ def _table(result: Plan) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every refusal is one line on stderr and exit status 1."""
     try:
-        cli.main(args=argv, prog_name="optimenv", standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of a click.exceptions.Exit.
+        code = cli.main(args=argv, prog_name="optimenv", standalone_mode=False)
     except OptimEnvError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(1)
-    sys.exit(0)
+    sys.exit(code if type(code) is int else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -100,7 +100,9 @@ class FSDPConfig(BaseModel):
     @model_validator(mode="after")
     def _size_wrap_needs_min(self) -> FSDPConfig:
         if self.auto_wrap_policy == "SIZE_BASED_WRAP" and self.min_num_params is None:
-            raise ValueError("auto_wrap_policy SIZE_BASED_WRAP needs min_num_params")
+            raise ConfigError(
+                "fsdp_config.min_num_params", "is required when auto_wrap_policy is SIZE_BASED_WRAP"
+            )
         return self
 
 
@@ -131,11 +133,18 @@ def _normalise_fsdp_keys(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
+def _lax_int(value: Any) -> Any:
+    """``"2"`` -> ``2``, as Axolotl's ``int`` field coerces it (and ``str(v) == "2"`` compares it)."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdecimal():
+        return int(value.strip())
+    return value
+
+
+def _did_you_mean(word: str, choices: tuple[str, ...] | list[str], noun: str = "keys") -> str:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     if close:
         return f"did you mean {close[0]!r}?"
-    return "known keys: " + ", ".join(sorted(choices))
+    return f"known {noun}: " + ", ".join(sorted(choices))
 
 
 class TrainingConfig(BaseModel):
@@ -172,6 +181,7 @@ class TrainingConfig(BaseModel):
 
     _deepspeed_json: dict[str, Any] | None = PrivateAttr(default=None)
     _deepspeed_origin: str | None = PrivateAttr(default=None)
+    _fsdp_version_source: str = PrivateAttr(default="default")
 
     @field_validator("fsdp", mode="before")
     @classmethod
@@ -181,8 +191,12 @@ class TrainingConfig(BaseModel):
         if isinstance(value, list):
             for item in value:
                 if item not in LEGACY_FSDP_ITEMS:
-                    hint = _did_you_mean(str(item), LEGACY_FSDP_ITEMS)
+                    hint = _did_you_mean(str(item), LEGACY_FSDP_ITEMS, "items")
                     raise ValueError(f"unknown item {item!r}; {hint}")
+            strategies = [i for i in value if i not in ("offload", "auto_wrap")]
+            if len(set(strategies)) > 1:
+                # transformers refuses these combinations too; one would be silently dropped.
+                raise ValueError(f"at most one sharding strategy, got {', '.join(strategies)}")
         return value
 
     @field_validator("torch_compile_backend", mode="before")
@@ -191,7 +205,8 @@ class TrainingConfig(BaseModel):
         if isinstance(value, str):
             upper = value.upper()
             if upper not in DYNAMO_BACKENDS:
-                raise ValueError(f"unknown backend {value!r}; {_did_you_mean(upper, DYNAMO_BACKENDS)}")
+                hint = _did_you_mean(upper, DYNAMO_BACKENDS, "backends")
+                raise ValueError(f"unknown backend {value!r}; {hint}")
         return value
 
     @model_validator(mode="before")
@@ -201,10 +216,12 @@ class TrainingConfig(BaseModel):
             return data
         data = dict(data)
         raw = data.get("fsdp_config")
-        top = data.get("fsdp_version")
+        top = _lax_int(data.get("fsdp_version"))
+        if top is not None:
+            data["fsdp_version"] = top
         if isinstance(raw, dict):
             fc = _normalise_fsdp_keys(raw)
-            inner = fc.get("fsdp_version")
+            inner = _lax_int(fc.get("fsdp_version"))
             if top is not None and inner is not None and str(top) != str(inner):
                 raise ConfigError(
                     "fsdp_version",
@@ -233,13 +250,30 @@ class TrainingConfig(BaseModel):
             data["context_parallel_size"] = sp
         return data
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_version_source(cls, data: Any, handler: Any) -> TrainingConfig:
+        # Runs before ``_prepare`` (a wrap validator defined later is outermost), so it sees the
+        # keys as written: the pinned FSDP1 default must not be reported as the user's choice.
+        model: TrainingConfig = handler(data)
+        if isinstance(data, dict):
+            raw = data.get("fsdp_config")
+            if data.get("fsdp_version") is not None:
+                model._fsdp_version_source = "fsdp_version"
+            elif isinstance(raw, dict):
+                written = next((k for k in ("version", "fsdp_version") if raw.get(k) is not None), None)
+                if written is not None:
+                    model._fsdp_version_source = f"fsdp_config.{written}"
+        return model
+
     @model_validator(mode="after")
     def _resolve_deepspeed(self, info: ValidationInfo) -> TrainingConfig:
         value = self.deepspeed
         if value is None:
             return self
         if isinstance(value, dict):
-            self._deepspeed_json = dict(value)
+            ds.check_json(value)
+            self._deepspeed_json = ds.json_copy(value)
             self._deepspeed_origin = "inline"
         elif value in ds.PRESETS:
             self._deepspeed_json = ds.preset(value)
@@ -275,6 +309,11 @@ class TrainingConfig(BaseModel):
     def fsdp_enabled(self) -> bool:
         """Axolotl's condition ``cfg.fsdp or cfg.fsdp_config`` (an empty mapping is falsy)."""
         return bool(self.fsdp) or bool(self.fsdp_config and self.fsdp_config.model_fields_set)
+
+    @property
+    def fsdp_version_source(self) -> str:
+        """The key that set the FSDP version, or ``default`` (FSDP1 pinned, as Axolotl pins it)."""
+        return self._fsdp_version_source
 
     @property
     def effective_fsdp_version(self) -> int:
@@ -380,6 +419,26 @@ def _check_rules(cfg: TrainingConfig) -> None:
         raise ConfigError("fp8_enable_fsdp_float8_all_gather", "needs FSDP2 (fsdp_version: 2)")
     if cfg.deepcompile and cfg.deepspeed is None:
         raise ConfigError("deepcompile", "needs deepspeed")
+    relora = next((k for k in ("relora", "relora_steps") if cfg.extra(k)), None)
+    if relora and (fsdp_on or cfg.deepspeed is not None):
+        raise ConfigError(relora, "ReLoRA supports neither FSDP nor DeepSpeed", "train without them")
+    if optimizer == "muon" and cfg.deepspeed is not None:
+        raise ConfigError("optimizer", "muon is not compatible with DeepSpeed")
+    if optimizer == "muon" and fsdp_on and version != 2:
+        raise ConfigError("optimizer", "muon needs FSDP2 (fsdp_version: 2)")
+    if (
+        fsdp_on
+        and version == 2
+        and cfg.extra("rl") in ("dpo", "kto", "orpo", "ipo")
+        and (cfg.extra("load_in_8bit") or cfg.extra("load_in_4bit"))
+    ):
+        raise ConfigError(
+            "fsdp_version",
+            f"FSDP2 does not support load_in_8bit or load_in_4bit with rl {cfg.extra('rl')}",
+            "use DeepSpeed or fsdp_version: 1",
+        )
+    if cfg.extra("fp32_norms") and not (fc is not None and fsdp_on and version == 2):
+        raise ConfigError("fp32_norms", "needs fsdp_config with fsdp_version: 2")
     if (cfg.tensor_parallel_size or 1) > 1 and optimizer in BNB_8BIT_OPTIMIZERS | {"paged_adamw_8bit"}:
         raise ConfigError("optimizer", f"tensor parallelism is not compatible with {optimizer}")
     if (

@@ -7,7 +7,6 @@ the worker can know is returned as ``deferred`` steps for the bootstrap, never g
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -117,7 +116,7 @@ class Plan:
             "env": self.env_dict,
             "sources": self.sources,
             "deferred": [d.to_dict() for d in self.deferred],
-            "deepspeed": copy.deepcopy(self.deepspeed),
+            "deepspeed": ds.json_copy(self.deepspeed),
             "warnings": list(self.warnings),
         }
 
@@ -161,8 +160,14 @@ def plan(
     stage: int | None = None
     if config.fsdp_enabled:
         fsdp_version = _fsdp(config, b)
+        _check_lora_kernels(config, hw, fsdp_version)
     elif config.deepspeed is not None:
         ds_json, stage = _deepspeed(config, hw, b, deepspeed_path)
+    elif config.fsdp_config is not None:
+        # D6: Axolotl treats an empty mapping as "no FSDP"; we agree, but say so.
+        b.warnings.append(
+            "fsdp_config: empty, so FSDP stays off (as in Axolotl); add fsdp_version: 2 to turn it on"
+        )
 
     _parallelism(config, hw, b)
     _torch_compile(config, hw, b)
@@ -190,23 +195,31 @@ def _fsdp(config: TrainingConfig, b: _Builder) -> int:
         # Legacy list only: Axolotl crashes here (D2); translate it as transformers does.
         items = set(config.fsdp or ())
         strategy = next((s.upper() for s in config.fsdp or () if s not in ("offload", "auto_wrap")), None)
-        b.warnings.append("fsdp: the legacy list is deprecated; use fsdp_config (translated to FSDP1 here)")
+        b.warnings.append(
+            f"fsdp: the legacy list is deprecated; use fsdp_config (translated to FSDP{version} here)"
+        )
         b.set("ACCELERATE_USE_FSDP", "true", "fsdp")
-        b.set("FSDP_VERSION", str(version), "fsdp_version" if config.fsdp_version else "default")
+        b.set("FSDP_VERSION", str(version), config.fsdp_version_source)
         if "offload" in items:
             b.set("FSDP_OFFLOAD_PARAMS", "true", "fsdp")
         if "auto_wrap" in items:
             b.set("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP", "fsdp")
         if strategy and version == 1:
             b.set("FSDP_SHARDING_STRATEGY", strategy, "fsdp")
+        elif strategy:
+            if strategy not in ("FULL_SHARD", "SHARD_GRAD_OP"):
+                raise ConfigError(
+                    "fsdp",
+                    f"{strategy.lower()} has no FSDP2 equivalent",
+                    "use full_shard or shard_grad_op; for HSDP set dp_replicate_size and dp_shard_size",
+                )
+            # Accelerate's FSDP2 default is to reshard; shard_grad_op must say false.
+            b.set("FSDP_RESHARD_AFTER_FORWARD", str(strategy == "FULL_SHARD").lower(), "fsdp")
         return version
 
     src = "fsdp_config."
     b.set("ACCELERATE_USE_FSDP", "true", "fsdp_config")
-    version_source = (
-        "fsdp_version" if "fsdp_version" in config.model_fields_set else "fsdp_config.fsdp_version"
-    )
-    b.set("FSDP_VERSION", str(version), version_source)
+    b.set("FSDP_VERSION", str(version), config.fsdp_version_source)
     if config.fsdp:
         b.warnings.append("fsdp: the legacy list is ignored because fsdp_config is set")
     flags = (
@@ -250,6 +263,11 @@ def _fsdp(config: TrainingConfig, b: _Builder) -> int:
         if reshard is None and fc.sharding_strategy is not None:
             reshard = fc.sharding_strategy == "FULL_SHARD"
             reshard_src = src + "sharding_strategy"
+        elif fc.sharding_strategy is not None:
+            b.warnings.append(
+                "fsdp_config.sharding_strategy: an FSDP1 setting; FSDP2 follows reshard_after_forward "
+                "(they agree here), so it can be removed"
+            )
         if reshard is not None:
             # Exported when false too: Axolotl drops false and Accelerate's FSDP2 default is true.
             b.set("FSDP_RESHARD_AFTER_FORWARD", str(reshard).lower(), reshard_src)
@@ -266,8 +284,8 @@ def _fsdp(config: TrainingConfig, b: _Builder) -> int:
             b.set("FSDP_SHARDING_STRATEGY", strategy, strategy_src)
         if fc.backward_prefetch is not None:
             b.set("FSDP_BACKWARD_PREFETCH", fc.backward_prefetch, src + "backward_prefetch")
-        if fc.forward_prefetch:
-            b.set("FSDP_FORWARD_PREFETCH", "true", src + "forward_prefetch")
+        if fc.forward_prefetch is not None:
+            b.set("FSDP_FORWARD_PREFETCH", str(fc.forward_prefetch).lower(), src + "forward_prefetch")
         b.warnings.append("fsdp_version: FSDP1 is deprecated; consider fsdp_version: 2")
     if fc.limit_all_gathers is not None:
         b.warnings.append(
@@ -283,7 +301,7 @@ def _deepspeed(
     loaded = config.deepspeed_json
     if loaded is None:  # pragma: no cover - the model validator always resolves it
         raise ConfigError("deepspeed", "was not resolved; load the config with optimenv.load_config")
-    ds_json = copy.deepcopy(loaded)
+    ds_json = ds.json_copy(loaded)
     stage = ds.zero_stage(ds_json)
     if stage is not None and isinstance(ds_json["zero_optimization"].get("stage"), str):
         ds_json["zero_optimization"]["stage"] = stage
@@ -306,6 +324,18 @@ def _deepspeed(
             b.set("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true", "deepspeed.zero_optimization.stage")
     if hw.world_size in (None, 1):
         b.defer("single_gpu_rendezvous_defaults", None, "deepspeed", defaults=dict(SINGLE_GPU_DEFAULTS))
+    reentrant = config.extra("gradient_checkpointing_kwargs")
+    if (
+        stage == 3
+        and config.extra("adapter") == "qlora"
+        and isinstance(reentrant, dict)
+        and reentrant.get("use_reentrant") is False
+    ):
+        # Axolotl looks for "zero3" in the path, so it misses inline mappings and presets (D18).
+        b.warnings.append(
+            "gradient_checkpointing_kwargs.use_reentrant: false with qlora and ZeRO-3 may fail with "
+            "a CheckpointError about recomputed values"
+        )
     if stage == 3:
         b.defer("deepspeed_zero3_config", None, "deepspeed.zero_optimization.stage", path=path)
     return ds_json, stage
@@ -336,11 +366,12 @@ def _parallelism(config: TrainingConfig, hw: Hardware, b: _Builder) -> None:
             b.set(name, str(value), key)
             enabled = True
     cp = config.context_parallel_size or 1
+    # Validation copies the deprecated sequence_parallel_degree into context_parallel_size.
     cp_src = (
-        "sequence_parallel_degree"
-        if "context_parallel_size" not in config.model_fields_set
-        else "context_parallel_size"
+        "sequence_parallel_degree" if config.sequence_parallel_degree is not None else "context_parallel_size"
     )
+    if config.sequence_parallel_degree is not None:
+        b.warnings.append("sequence_parallel_degree: deprecated; use context_parallel_size")
     if cp > 1:
         b.set("PARALLELISM_CONFIG_CP_SIZE", str(cp), cp_src)
         b.set("ACCELERATE_ALLOW_CP_STANDALONE", "true", cp_src)
@@ -413,6 +444,8 @@ def _mixed_precision(
         if hw.fp8_supported is None:
             b.defer("require_fp8", name, "fp8")
         value, src = "fp8", "fp8"
+        if not config.torch_compile:
+            b.warnings.append("fp8: without torch_compile fp8 training may be slower than bf16")
         if config.bf16 is True or config.fp16:
             b.warnings.append("fp8: takes precedence over bf16/fp16 (as in Axolotl)")
     elif config.bf16 is True:
@@ -436,6 +469,8 @@ def _mixed_precision(
             return None
         elif hw.bf16_supported:
             value, src = "bf16", "bf16"
+            if config.fp16:
+                b.warnings.append("fp16: ignored because bf16: auto resolves to bf16 here (as in Axolotl)")
         else:
             value, src = fallback, ("fp16" if config.fp16 else "bf16")
     elif config.fp16:
@@ -466,6 +501,14 @@ def _check_deepspeed_precision(ds_json: dict[str, Any] | None, precision: str | 
                     f"is true in the DeepSpeed JSON but mixed precision resolves to {precision!r}",
                     f'set {key}.enabled to "auto" in the JSON, or set {key}: true in the config',
                 )
+
+
+def _check_lora_kernels(config: TrainingConfig, hw: Hardware, version: int) -> None:
+    """Axolotl's check_multigpu_lora_kernels: LoRA kernels are not compatible with multi-GPU FSDP1."""
+    kernels = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+    used = next((k for k in kernels if config.extra(k)), None)
+    if used and version == 1 and config.fsdp_config is not None and (hw.world_size or 1) > 1:
+        raise ConfigError(used, "LoRA kernels are not compatible with FSDP1 on more than one GPU")
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

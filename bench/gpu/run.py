@@ -1,0 +1,799 @@
+"""GPU proof: the same training launched through optimenv and through ``accelerate launch``, alternating.
+
+Path A (optimenv) is what a PyTorchJob rendered by ``optimenv render --target pytorchjob`` runs in
+its pod: the env ConfigMap as the container's environment, the spec and DeepSpeed ConfigMaps written
+at their mount paths, the variables the Kubeflow operator injects (``MASTER_ADDR``/``MASTER_PORT``,
+``WORLD_SIZE``, ``RANK`` = node rank, ``PET_*``), and the container command exactly as rendered:
+``optimenv-bootstrap --spec … -- torchrun --no-python python3 train.py`` (exec mode; torchrun reads
+``PET_*``). For ZeRO-3 each rank's command is ``python3 -m optimenv.bootstrap run train.py`` (the
+in-process mode that holds transformers' ZeRO-3 config). Path B is ``accelerate launch
+--config_file`` with a hand-written config of the same settings (``configs/accelerate/``).
+
+Usage (on a GPU machine, from the repository root)::
+
+    python3 bench/gpu/run.py --gpus 1 --scenarios fsdp2,zero3 --semantic --reps 3 --out OUT
+    python3 bench/gpu/run.py --gpus 4 --scenarios fsdp2-hsdp,fsdp2-tp,zero3 --reps 3 --out OUT
+    python3 bench/gpu/run.py report OUT1/results.json OUT2/results.json   # merge, check, print
+
+Raw results go to ``OUT/results.json`` (every launch, every rank), the checks and statistics to
+``OUT/summary.json`` and a table to ``OUT/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+CONFIGS = HERE / "configs"
+TRAIN = "bench/gpu/train.py"  # relative to the repository root, where every launch runs
+# NVLink multicast stays off on shared hosts (KINDS.md); set for every launch, both paths.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+# What the launcher or a previous run may have left in our own environment: never inherited.
+_STRIP_PREFIXES = ("ACCELERATE_", "FSDP_", "PARALLELISM_CONFIG_", "PET_", "OPTIMENV_", "TORCHELASTIC_")
+_STRIP_NAMES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+BASE_PORT = 23456  # the PyTorchJob operator's default pytorchjob-port; one port per launch
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One comparison: an optimenv config (path A) and the matching Accelerate config (path B)."""
+
+    name: str
+    config: str  # under configs/
+    accelerate: str | None  # under configs/accelerate/, "{gpus}" filled in; None: path A only
+    gpus: tuple[int, ...]  # GPU counts it is defined for
+    zero3: bool = False  # ranks run `python -m optimenv.bootstrap run` (in-process mode)
+    # Path B flags for what Accelerate refuses in a config that names a DeepSpeed file
+    # (mixed_precision, gradient_accumulation_steps): the same values, on the command line.
+    launch_flags: tuple[str, ...] = ()
+    needs_model_dir: bool = False  # tensor parallelism loads a saved random model with tp_plan
+    # Issue 9: the device mesh Accelerate must build, and the share of the model one rank holds.
+    mesh: tuple[tuple[str, ...], tuple[int, ...]] | None = None
+    shard_fraction: dict[int, float] = field(default_factory=dict)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("fsdp2", "fsdp2.yaml", "fsdp2-{gpus}gpu.yaml", (1, 2), shard_fraction={1: 1.0, 2: 0.5}),
+        Scenario(
+            "zero3",
+            "zero3.yaml",
+            "zero3-{gpus}gpu.yaml",
+            (1, 2, 4),
+            zero3=True,
+            launch_flags=("--mixed_precision", "bf16", "--gradient_accumulation_steps", "1"),
+            shard_fraction={1: 1.0, 2: 0.5, 4: 0.25},
+        ),
+        # Semantic checks, through optimenv only: each against "fsdp2" on the same GPU count.
+        Scenario("fsdp2-ac", "fsdp2-ac.yaml", None, (1, 2)),
+        Scenario("fsdp2-offload", "fsdp2-offload.yaml", None, (1, 2)),
+        Scenario("fsdp2-fp32", "fsdp2-fp32.yaml", None, (1, 2)),
+        # Issue 9 (4 GPUs of one host).
+        Scenario(
+            "fsdp2-hsdp",
+            "fsdp2-hsdp.yaml",
+            "fsdp2-hsdp-{gpus}gpu.yaml",
+            (4,),
+            mesh=(("dp_replicate", "dp_shard"), (2, 2)),
+            shard_fraction={4: 0.5},
+        ),
+        Scenario(
+            "fsdp2-tp",
+            "fsdp2-tp.yaml",
+            "fsdp2-tp-{gpus}gpu.yaml",
+            (4,),
+            needs_model_dir=True,
+            mesh=(("dp_shard", "tp"), (2, 2)),
+            shard_fraction={4: 0.25},
+        ),
+    )
+}
+SEMANTIC = ("fsdp2-ac", "fsdp2-offload", "fsdp2-fp32")
+
+
+@dataclass
+class Launch:
+    """One process tree to start: command, environment, and the files its 'pod' mounts."""
+
+    scenario: str
+    gpus: int
+    path: str  # "optimenv" or "accelerate"
+    rep: int
+    cmd: list[str]
+    env: dict[str, str]  # what this launch adds to the cleaned base environment
+    files: dict[str, str]  # absolute path -> content, written just before the launch
+    out_dir: str
+    port: int
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    model: str = "llama-270m"
+    steps: int = 25
+    warmup: int = 5
+    micro_batch: int = 8
+    seq_len: int = 1024
+    seed: int = 1234
+    model_dir: str | None = None
+
+    def argv(self, out_dir: str, label: str) -> list[str]:
+        argv = [
+            "--model", self.model, "--steps", str(self.steps), "--warmup", str(self.warmup),
+            "--micro-batch", str(self.micro_batch), "--seq-len", str(self.seq_len),
+            "--seed", str(self.seed), "--out-dir", out_dir, "--label", label,
+        ]  # fmt: skip
+        if self.model_dir:
+            argv += ["--model-dir", self.model_dir]
+        return argv
+
+
+def _mounted(path: str, mount_root: str) -> str:
+    """Where a pod path lives on this machine (``mount_root`` "/" on the GPU machine); idempotent."""
+    if mount_root in ("", "/") or path.startswith(mount_root.rstrip("/") + "/"):
+        return path
+    return str(Path(mount_root) / path.lstrip("/"))
+
+
+def optimenv_launch(
+    scenario: Scenario, gpus: int, rep: int, port: int, train: TrainArgs, work: Path, mount_root: str
+) -> Launch:
+    """Path A: render the PyTorchJob for this config and start its pod's container on this machine."""
+    from optimenv.config import load_config
+    from optimenv.plan import Hardware, plan
+    from optimenv.render import JobOptions, render
+    from optimenv.render._common import SPEC_PATH
+
+    label = f"{scenario.name}-g{gpus}-optimenv-{rep}"
+    out_dir = str(work / label)
+    ds_path = _mounted("/etc/optimenv/deepspeed.json", mount_root)
+    config = load_config(CONFIGS / scenario.config)
+    result = plan(config, Hardware(nodes=1, gpus_per_node=gpus), deepspeed_path=ds_path)
+    per_rank = ["python3"]
+    if scenario.zero3:
+        per_rank += ["-m", "optimenv.bootstrap", "run"]
+    per_rank += [TRAIN, *train.argv(out_dir, label)]
+    options = JobOptions(
+        name="gpu-bench", image="local", command=tuple(per_rank), nodes=1, gpus_per_node=gpus
+    )
+    objects = render(result, "pytorchjob", options)
+    job = objects[-1]
+    container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    configmaps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):  # the env ConfigMap
+        env.update(configmaps[source["configMapRef"]["name"]]["data"])
+    for item in container.get("env", []):
+        env[item["name"]] = (
+            _mounted(item["value"], mount_root) if item["value"] == SPEC_PATH else item["value"]
+        )
+    files: dict[str, str] = {}
+    for mount in container.get("volumeMounts", []):  # ConfigMap files at their mount paths
+        volume = next(v for v in job_volumes(job) if v["name"] == mount["name"])
+        if "configMap" in volume:
+            data = configmaps[volume["configMap"]["name"]]["data"]
+            files[_mounted(mount["mountPath"], mount_root)] = data[mount["subPath"]]
+    # What the Kubeflow operator injects into the Master pod (operators-env.md §3.2); the Service
+    # name <job>-master-0 resolves to this machine here.
+    nproc = job["spec"]["nprocPerNode"]
+    env.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "PET_MASTER_PORT": str(port),
+            "WORLD_SIZE": str(1 * int(nproc)),
+            "RANK": "0",
+            "PET_NODE_RANK": "0",
+            "PET_NNODES": "1",
+            "PET_NPROC_PER_NODE": nproc,
+        }
+    )
+    cmd = [_mounted(a, mount_root) if a == SPEC_PATH else a for a in container["command"]]
+    return Launch(scenario.name, gpus, "optimenv", rep, cmd, env, files, out_dir, port)
+
+
+def job_volumes(job: dict[str, Any]) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+        "volumes"
+    ]
+    return volumes
+
+
+def accelerate_launch(
+    scenario: Scenario, gpus: int, rep: int, port: int, train: TrainArgs, work: Path
+) -> Launch:
+    """Path B: ``accelerate launch --config_file <hand-written config>``."""
+    if scenario.accelerate is None:
+        raise ValueError(f"{scenario.name} has no accelerate-launch counterpart")
+    label = f"{scenario.name}-g{gpus}-accelerate-{rep}"
+    out_dir = str(work / label)
+    config = CONFIGS / "accelerate" / scenario.accelerate.format(gpus=gpus)
+    if not config.is_file():
+        raise ValueError(f"{scenario.name}: no hand-written Accelerate config for {gpus} GPU(s) ({config})")
+    cmd = ["accelerate", "launch", "--config_file", str(config.relative_to(REPO))]
+    cmd += scenario.launch_flags
+    cmd += ["--main_process_port", str(port), TRAIN, *train.argv(out_dir, label)]
+    return Launch(scenario.name, gpus, "accelerate", rep, cmd, {}, {}, out_dir, port)
+
+
+def base_env(visible: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_STRIP_PREFIXES) and k not in _STRIP_NAMES}
+    env.update(NO_MULTICAST)
+    env["PYTHONUNBUFFERED"] = "1"
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    return env
+
+
+def schedule(scenarios: list[str], semantic: list[str], reps: int) -> list[tuple[str, str, int]]:
+    """(scenario, path, rep) in launch order: rounds over the scenarios, A/B then B/A, semantics last."""
+    order: list[tuple[str, str, int]] = []
+    for rep in range(reps):
+        for name in scenarios:
+            pair = ("optimenv", "accelerate") if rep % 2 == 0 else ("accelerate", "optimenv")
+            order += [(name, path, rep) for path in pair]
+    order += [(name, "optimenv", 0) for name in semantic]
+    return order
+
+
+def build(
+    name: str, path: str, rep: int, gpus: int, port: int, train: TrainArgs, work: Path, mount_root: str
+) -> Launch:
+    scenario = SCENARIOS[name]
+    if gpus not in scenario.gpus:
+        raise ValueError(f"{name} is defined for {scenario.gpus} GPUs, not {gpus}")
+    if path == "optimenv":
+        return optimenv_launch(scenario, gpus, rep, port, train, work, mount_root)
+    return accelerate_launch(scenario, gpus, rep, port, train, work)
+
+
+def execute(launch: Launch, env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Start one launch, wait, collect every rank's JSON."""
+    for path, text in launch.files.items():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text, encoding="utf-8")
+    out = Path(launch.out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    full_env = {**env, **launch.env}
+    t0 = time.time()
+    full_env["BENCH_LAUNCH_T0"] = repr(t0)
+    log = out / "launch.log"
+    with log.open("w") as fh:
+        fh.write(f"$ {shlex.join(launch.cmd)}\n# env added: {json.dumps(launch.env, sort_keys=True)}\n")
+        fh.flush()
+        proc = subprocess.Popen(
+            launch.cmd, env=full_env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc: int | str = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+            kill_tree(proc)
+    wall = time.time() - t0
+    ranks = []
+    for f in sorted(out.glob("rank*.json"), key=lambda p: int(p.stem[4:])):
+        ranks.append(json.loads(f.read_text()))
+    record: dict[str, Any] = {
+        "scenario": launch.scenario,
+        "gpus": launch.gpus,
+        "path": launch.path,
+        "rep": launch.rep,
+        "cmd": launch.cmd,
+        "env_added": launch.env,
+        "files": sorted(launch.files),
+        "port": launch.port,
+        "rc": rc,
+        "wall_s": wall,
+        "start": t0,
+        "ranks": ranks,
+    }
+    ok = rc == 0 and len(ranks) == launch.gpus
+    record["ok"] = ok
+    if not ok:
+        record["log_tail"] = log.read_text(errors="replace")[-6000:]
+    return record
+
+
+def kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a launch and every process under it (torchrun puts its workers in their own sessions)."""
+    import signal
+
+    try:
+        import psutil
+
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except Exception:
+        family = []
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except Exception:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": sys.version.split()[0], "host": os.uname().nodename}
+    versions = {}
+    for mod in ("torch", "accelerate", "transformers", "deepspeed", "pydantic", "optimenv"):
+        try:
+            from importlib.metadata import version
+
+            versions[mod] = version(mod)
+        except Exception as exc:
+            versions[mod] = f"missing ({type(exc).__name__})"
+    info["versions"] = versions
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version,clocks.max.sm",
+             "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        info["nvidia_smi"] = smi.stdout.strip().splitlines()
+        topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30)
+        info["nvidia_topo"] = topo.stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        info["nvidia_smi"] = [f"unavailable: {exc}"]
+    info["tools"] = {t: shutil.which(t) for t in ("torchrun", "accelerate", "optimenv-bootstrap", "python3")}
+    return info
+
+
+def save_model(train: TrainArgs, model_dir: str, env: dict[str, str]) -> None:
+    """A random model on disk, for layouts that load with a tensor-parallel plan."""
+    if (Path(model_dir) / "config.json").is_file():
+        return
+    code = (
+        "import sys; sys.path.insert(0, 'bench/gpu'); import train, torch; "
+        "from transformers import AutoModelForCausalLM; torch.manual_seed(%d); "
+        "AutoModelForCausalLM.from_config(train.llama_config(%r)).save_pretrained(%r)"
+    ) % (train.seed, train.model, model_dir)
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True, timeout=300)
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.time()
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    semantic = list(SEMANTIC) if args.semantic else []
+    for name in scenarios + semantic:
+        if name not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+    work = Path(args.work)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = base_env(args.visible)
+    train = TrainArgs(
+        model=args.model, steps=args.steps, warmup=args.warmup, micro_batch=args.micro_batch,
+        seq_len=args.seq_len, seed=args.seed,
+    )  # fmt: skip
+    if any(SCENARIOS[s].needs_model_dir for s in scenarios):
+        model_dir = str(work / f"model-{args.model}-{args.seed}")
+        train = TrainArgs(**{**train.__dict__, "model_dir": model_dir})
+    order = schedule(scenarios, semantic, args.reps)
+    port = BASE_PORT
+    launches = [
+        build(name, path, rep, args.gpus, port + i, train, work, args.mount_root)
+        for i, (name, path, rep) in enumerate(order)
+    ]
+    if args.dry_run:
+        for launch in launches:
+            added = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(launch.env.items()))
+            print(f"# {launch.scenario} g{launch.gpus} {launch.path} rep {launch.rep}")
+            for path, text in sorted(launch.files.items()):
+                print(f"#   writes {path} ({len(text)} bytes)")
+            print(f"{added} {shlex.join(launch.cmd)}".strip())
+        return 0
+    if train.model_dir:
+        save_model(train, train.model_dir, env)
+
+    meta = {"machine": machine_info(), "args": vars(args), "start": t_start, "train": train.__dict__}
+    print(
+        f"[run] {json.dumps(meta['machine']['versions'])} {meta['machine'].get('nvidia_smi')}",
+        file=sys.stderr,
+    )
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    semantic_left = len(semantic)
+    slowest = args.first_estimate_s
+    failed_scenarios: set[str] = set()
+    if args.warm_launch and launches:  # one short launch first: file cache, CUDA and NCCL warm
+        warm = build(order[0][0], "accelerate" if SCENARIOS[order[0][0]].accelerate else "optimenv", 0,
+                     args.gpus, port + len(order), TrainArgs(**{**train.__dict__, "steps": 3, "warmup": 1}),
+                     work / "warm", args.mount_root)  # fmt: skip
+        rec = execute(warm, env, args.launch_timeout)
+        rec["warm_up"] = True
+        meta["warm_up"] = {k: rec[k] for k in ("scenario", "path", "rc", "wall_s", "ok")}
+        print(f"[run] warm-up {warm.path} rc={rec['rc']} {rec['wall_s']:.1f}s", file=sys.stderr)
+    for index, launch in enumerate(launches):
+        is_semantic = launch.scenario in semantic
+        elapsed = time.time() - t_start
+        reserve = 0.0 if is_semantic else semantic_left * slowest
+        if not is_semantic and index % 2 == 0:
+            reserve += slowest  # start a pair only if both of its launches fit
+        if launch.scenario in failed_scenarios:
+            skipped.append({"scenario": launch.scenario, "path": launch.path, "rep": launch.rep,
+                            "why": "an earlier launch of this scenario failed"})  # fmt: skip
+            continue
+        if elapsed + slowest + reserve > args.deadline_s:
+            skipped.append({"scenario": launch.scenario, "path": launch.path, "rep": launch.rep,
+                            "why": f"time budget: {elapsed:.0f}s used of {args.deadline_s}s"})  # fmt: skip
+            if is_semantic:
+                semantic_left -= 1
+            continue
+        rec = execute(launch, env, args.launch_timeout)
+        results.append(rec)
+        slowest = max(slowest if results[:-1] else 0.0, rec["wall_s"])
+        if is_semantic:
+            semantic_left -= 1
+        tok = rec["ranks"][0]["tokens_per_s"] if rec["ok"] else float("nan")
+        print(
+            f"[run] {launch.scenario} g{launch.gpus} {launch.path:10s} rep {launch.rep} rc={rec['rc']} "
+            f"wall={rec['wall_s']:.1f}s tok/s={tok:.0f}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if not rec["ok"]:
+            print(rec.get("log_tail", "")[-3000:], file=sys.stderr)
+            failed_scenarios.add(launch.scenario)
+            if args.fail_fast:
+                break
+        # Saved after every launch: a call cut short still returns what it measured.
+        write_results(out, meta, results, skipped)
+    meta["end"] = time.time()
+    write_results(out, meta, results, skipped)
+    summary = summarise([{"meta": meta, "launches": results, "skipped": skipped}])
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    table = markdown(summary)
+    (out / "summary.md").write_text(table)
+    print(table)
+    if args.logs:
+        with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+            for log in sorted(work.glob("*/launch.log")):
+                tar.add(log, arcname=f"{log.parent.name}.log")
+    return 0 if all(r["ok"] for r in results) and results else 1
+
+
+def write_results(out: Path, meta: dict[str, Any], results: list[dict[str, Any]], skipped: list[Any]) -> None:
+    doc = {"meta": meta, "launches": results, "skipped": skipped}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    tmp.replace(out / "results.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics and checks
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"n": len(values), "min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def _rank0(rec: dict[str, Any]) -> dict[str, Any]:
+    return next(r for r in rec["ranks"] if r["rank"] == 0)
+
+
+def _first_difference(a: Any, b: Any, at: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            sub = f"{at}.{key}" if at else key
+            if key not in a or key not in b:
+                return f"{sub}: only in {'B' if key not in a else 'A'}"
+            diff = _first_difference(a[key], b[key], sub)
+            if diff:
+                return diff
+        return None
+    if a != b:
+        return f"{at}: A={json.dumps(a)[:200]} B={json.dumps(b)[:200]}"
+    return None
+
+
+LOSS_TOLERANCE = 0.05  # absolute, on a loss of ~10.4: bf16 rounding (8 bits of mantissa) is ~0.04 there
+
+
+def compare_paths(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens/s ratio, state identity, loss agreement for one scenario and GPU count."""
+    tok_a = [_rank0(r)["tokens_per_s"] for r in a_runs]
+    tok_b = [_rank0(r)["tokens_per_s"] for r in b_runs]
+    ttfs_a = [_rank0(r)["first_step_from_launch_s"] for r in a_runs]
+    ttfs_b = [_rank0(r)["first_step_from_launch_s"] for r in b_runs]
+    ratio = statistics.median(tok_a) / statistics.median(tok_b) if tok_a and tok_b else None
+    # Accelerate's state, rank by rank, of every run against the first run of path B.
+    state_diffs = []
+    if b_runs:
+        ref = {r["rank"]: r["accelerate_state"] for r in b_runs[0]["ranks"]}
+        for run in a_runs + b_runs[1:]:
+            for rank in run["ranks"]:
+                diff = _first_difference(rank["accelerate_state"], ref.get(rank["rank"]))
+                if diff:
+                    state_diffs.append(f"{run['path']} rep {run['rep']} rank {rank['rank']}: {diff}")
+    loss_a = [_rank0(r)["losses"] for r in a_runs]
+    loss_b = [_rank0(r)["losses"] for r in b_runs]
+
+    def max_diff(xs: list[list[float]], ys: list[list[float]]) -> float | None:
+        pairs = [max(abs(p - q) for p, q in zip(x, y, strict=True)) for x in xs for y in ys if x is not y]
+        return max(pairs) if pairs else None
+
+    between = max_diff(loss_a, loss_b)
+    peak = {
+        path: _stats([max(k["mem_train"].get("max_allocated", 0) for k in r["ranks"]) / 2**30 for r in runs])
+        for path, runs in (("optimenv", a_runs), ("accelerate", b_runs))
+    }
+    return {
+        "tokens_per_s": {"optimenv": _stats(tok_a), "accelerate": _stats(tok_b)},
+        "ratio_median_tokens_per_s": ratio,
+        "ratio_ok": ratio is not None and ratio >= 0.98,
+        "first_step_from_launch_s": {"optimenv": _stats(ttfs_a), "accelerate": _stats(ttfs_b)},
+        "launch_wall_s": {
+            "optimenv": _stats([r["wall_s"] for r in a_runs]),
+            "accelerate": _stats([r["wall_s"] for r in b_runs]),
+        },
+        "peak_allocated_gib_max_rank": peak,
+        "param_local_bytes_rank0": {
+            "optimenv": sorted({_rank0(r)["params"]["local_bytes"] for r in a_runs}),
+            "accelerate": sorted({_rank0(r)["params"]["local_bytes"] for r in b_runs}),
+        },
+        "state_identical": bool(a_runs and b_runs) and not state_diffs,
+        "state_differences": state_diffs[:20],
+        "loss_max_abs_diff_between_paths": between,
+        "loss_max_abs_diff_within_optimenv": max_diff(loss_a, loss_a),
+        "loss_max_abs_diff_within_accelerate": max_diff(loss_b, loss_b),
+        "losses_ok": between is not None and between <= LOSS_TOLERANCE,
+        "losses_rank0_first": {
+            "optimenv": loss_a[0] if loss_a else None,
+            "accelerate": loss_b[0] if loss_b else None,
+        },
+    }
+
+
+def semantic_checks(ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The env really acts: each check compares optimenv-path runs (same GPU count unless said)."""
+    by: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for rec in ok:
+        if rec["path"] == "optimenv":
+            by.setdefault((rec["scenario"], rec["gpus"]), []).append(rec)
+    checks: list[dict[str, Any]] = []
+
+    def med(runs: list[dict[str, Any]], fn: Any) -> float:
+        return float(statistics.median(fn(r) for r in runs))
+
+    def peak(r: dict[str, Any]) -> float:
+        return max(k["mem_train"]["max_allocated"] for k in r["ranks"]) / 2**30
+
+    def after_prepare(r: dict[str, Any]) -> float:
+        return max(k["mem_after_prepare"]["allocated"] for k in r["ranks"]) / 2**30
+
+    gpu_counts = sorted({g for _, g in by})
+    for name in ("fsdp2", "zero3"):
+        for g in gpu_counts:
+            if g == 1 or (name, g) not in by or (name, 1) not in by:
+                continue
+            one = _rank0(by[(name, 1)][0])["params"]["local_bytes"]
+            many = [k["params"]["local_bytes"] for k in by[(name, g)][0]["ranks"]]
+            fraction = max(many) / one
+            checks.append({
+                "check": f"{name}: per-rank parameter bytes on {g} GPUs = 1/{g} of 1 GPU",
+                "observed": {"one_gpu": one, f"{g}_gpus_per_rank": many, "fraction": fraction},
+                "ok": abs(fraction - 1 / g) <= 0.02 / g,
+            })  # fmt: skip
+    for g in gpu_counts:
+        base = by.get(("fsdp2", g))
+        if not base:
+            continue
+        if ("fsdp2-ac", g) in by:
+            a, b = med(base, peak), med(by[("fsdp2-ac", g)], peak)
+            checks.append({
+                "check": f"activation_checkpointing lowers peak GPU memory ({g} GPU)",
+                "observed": {"peak_gib_off": a, "peak_gib_on": b,
+                             "state_on": _rank0(by[("fsdp2-ac", g)][0])["accelerate_state"]["fsdp_plugin"][
+                                 "activation_checkpointing"]},
+                "ok": b < a,
+            })  # fmt: skip
+        if ("fsdp2-offload", g) in by:
+            run = by[("fsdp2-offload", g)][0]
+            a, b = med(base, after_prepare), med([run], after_prepare)
+            pa, pb = med(base, peak), med([run], peak)
+            on_gpu = _rank0(run)["params"]["local_bytes_by_device"].get("cuda", 0)
+            checks.append({
+                "check": f"offload_params lowers GPU memory ({g} GPU)",
+                "observed": {"after_prepare_gib_off": a, "after_prepare_gib_on": b, "peak_gib_off": pa,
+                             "peak_gib_on": pb, "param_bytes_on_gpu_on": on_gpu,
+                             "tokens_per_s_off": med(base, lambda r: _rank0(r)["tokens_per_s"]),
+                             "tokens_per_s_on": _rank0(run)["tokens_per_s"]},
+                "ok": b < a and pb < pa and on_gpu == 0,
+            })  # fmt: skip
+        if ("fsdp2-fp32", g) in by:
+            run = by[("fsdp2-fp32", g)][0]
+            t_bf16 = med(base, lambda r: _rank0(r)["tokens_per_s"])
+            t_fp32 = _rank0(run)["tokens_per_s"]
+            checks.append({
+                "check": f"bf16: false changes the dtype and the speed ({g} GPU)",
+                "observed": {"logits_dtype_bf16": _rank0(base[0])["logits_dtype"],
+                             "logits_dtype_fp32": _rank0(run)["logits_dtype"],
+                             "mixed_precision_fp32": _rank0(run)["accelerate_state"]["mixed_precision"],
+                             "tokens_per_s_bf16": t_bf16, "tokens_per_s_fp32": t_fp32,
+                             "speed_ratio_fp32_over_bf16": t_fp32 / t_bf16},
+                "ok": _rank0(run)["logits_dtype"] == "torch.float32"
+                and _rank0(base[0])["logits_dtype"] == "torch.bfloat16" and t_fp32 < t_bf16,
+            })  # fmt: skip
+        zero3 = by.get(("zero3", g))
+        if zero3:
+            ranks = [k for r in zero3 for k in r["ranks"]]
+            fractions = [k["creation"]["params_at_creation"]["local_bytes"]
+                         / k["creation"]["params_at_creation"]["full_bytes"] for k in ranks]  # fmt: skip
+            checks.append({
+                "check": f"ZeRO-3 model created partitioned ({g} GPU)",
+                "observed": {"zero3_enabled_at_creation": sorted({k["creation"]["zero3_enabled_at_creation"]
+                                                                  for k in ranks}),
+                             "created_partitioned": sorted({k["creation"]["created_partitioned"] for k in ranks}),
+                             "local_over_full_at_creation": sorted(set(round(f, 4) for f in fractions))},
+                "ok": all(k["creation"]["zero3_enabled_at_creation"] and k["creation"]["created_partitioned"]
+                          for k in ranks) and all(abs(f - 1 / g) <= 0.02 / g for f in fractions),
+            })  # fmt: skip
+    return checks
+
+
+def layout_checks(ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 9: the mesh Accelerate built equals the config's, and each rank holds its share."""
+    checks = []
+    for rec in ok:
+        scenario = SCENARIOS.get(rec["scenario"])
+        if scenario is None or rec["rep"] != 0:
+            continue
+        expected_fraction = scenario.shard_fraction.get(rec["gpus"])
+        if scenario.mesh is not None:
+            names, shape = scenario.mesh
+            meshes = [k["accelerate_state"].get("device_mesh") for k in rec["ranks"]]
+            good = all(m is not None and tuple(m["dim_names"][: len(names)]) == names
+                       and tuple(m["shape"][: len(shape)]) == shape for m in meshes)  # fmt: skip
+            checks.append({"check": f"{rec['scenario']} {rec['path']}: device mesh {names}={shape}",
+                           "observed": meshes[0], "ok": good})  # fmt: skip
+        if expected_fraction is not None and rec["gpus"] > 1:
+            fr = [k["params"]["local_bytes"] / k["params"]["full_bytes"] for k in rec["ranks"]]
+            # Norm weights stay whole under tensor parallelism: allow 5% above the share.
+            checks.append({"check": f"{rec['scenario']} g{rec['gpus']} {rec['path']}: "
+                                    f"rank holds {expected_fraction:g} of the parameters",
+                           "observed": [round(f, 4) for f in fr],
+                           "ok": all(expected_fraction * 0.98 <= f <= expected_fraction * 1.05 for f in fr)})  # fmt: skip
+    return checks
+
+
+def summarise(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    launches = [rec for doc in docs for rec in doc["launches"] if not rec.get("warm_up")]
+    ok = [rec for rec in launches if rec["ok"]]
+    groups: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
+    for rec in ok:
+        groups.setdefault((rec["scenario"], rec["gpus"]), {}).setdefault(rec["path"], []).append(rec)
+    comparisons = {}
+    for (name, g), paths in sorted(groups.items()):
+        if "accelerate" in paths or (SCENARIOS.get(name) and SCENARIOS[name].accelerate):
+            comparisons[f"{name}-g{g}"] = compare_paths(
+                paths.get("optimenv", []), paths.get("accelerate", [])
+            )
+    devices = sorted({r["device_name"] for rec in ok for r in rec["ranks"]})
+    versions = [doc["meta"]["machine"]["versions"] for doc in docs]
+    return {
+        "devices": devices,
+        "versions": versions,
+        "comparisons": comparisons,
+        "semantic": semantic_checks(ok),
+        "layouts": layout_checks(ok),
+        "failed": [
+            {k: rec.get(k) for k in ("scenario", "gpus", "path", "rep", "rc", "log_tail")}
+            for rec in launches
+            if not rec["ok"]
+        ],  # fmt: skip
+        "skipped": [s for doc in docs for s in doc.get("skipped", [])],
+    }
+
+
+def _fmt(stats: dict[str, float] | None, scale: float = 1.0, digits: int = 0) -> str:
+    if not stats:
+        return "-"
+    return "/".join(f"{stats[k] * scale:.{digits}f}" for k in ("min", "median", "max")) + f" (n={stats['n']})"
+
+
+def _median(stats: dict[str, float] | None) -> str:
+    return "-" if not stats else f"{stats['median']:.2f}"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        "| scenario | tokens/s optimenv (min/med/max) | tokens/s accelerate | ratio | state | loss Δ max "
+        "| 1st step s optimenv | 1st step s accelerate | peak GiB opt/acc (median) | param bytes/rank |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, c in summary["comparisons"].items():
+        ratio = c["ratio_median_tokens_per_s"]
+        loss = c["loss_max_abs_diff_between_paths"]
+        peak = c["peak_allocated_gib_max_rank"]
+        lines.append(
+            f"| {key} | {_fmt(c['tokens_per_s']['optimenv'])} | {_fmt(c['tokens_per_s']['accelerate'])} | "
+            f"{'-' if ratio is None else f'{ratio:.3f}'} {'ok' if c['ratio_ok'] else 'FAIL'} | "
+            f"{'identical' if c['state_identical'] else 'DIFFERENT'} | "
+            f"{'-' if loss is None else f'{loss:.4f}'} {'ok' if c['losses_ok'] else 'FAIL'} | "
+            f"{_fmt(c['first_step_from_launch_s']['optimenv'], digits=1)} | "
+            f"{_fmt(c['first_step_from_launch_s']['accelerate'], digits=1)} | "
+            f"{_median(peak['optimenv'])} / {_median(peak['accelerate'])} | "
+            f"{c['param_local_bytes_rank0']['optimenv']} |"
+        )
+    lines.append("")
+    for check in summary["semantic"] + summary["layouts"]:
+        lines.append(
+            f"- {'ok  ' if check['ok'] else 'FAIL'} {check['check']}: {json.dumps(check['observed'])}"
+        )
+    for f in summary["failed"]:
+        lines.append(f"- FAILED launch {f['scenario']} g{f['gpus']} {f['path']} rep {f['rep']} rc={f['rc']}")
+    for s in summary["skipped"]:
+        lines.append(f"- skipped {s['scenario']} {s['path']} rep {s['rep']}: {s['why']}")
+    return "\n".join(lines) + "\n"
+
+
+def report(paths: list[str], out: str | None) -> int:
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    summary = summarise(docs)
+    if out:
+        Path(out).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    print(markdown(summary))
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs per launch (one node)")
+    p.add_argument("--scenarios", default="fsdp2,zero3", help=f"comma-separated, of: {', '.join(SCENARIOS)}")
+    p.add_argument("--semantic", action="store_true", help=f"also run {', '.join(SEMANTIC)} (optimenv only)")
+    p.add_argument("--reps", type=int, default=3, help="launches per path and scenario (alternating)")
+    p.add_argument("--model", default="llama-270m")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--visible", help="CUDA_VISIBLE_DEVICES for every launch (e.g. 0 for 1 GPU of 2)")
+    p.add_argument("--work", default="/tmp/gpu-bench")
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu-bench-out"))
+    p.add_argument("--mount-root", default="/", help="where the pod's ConfigMap mounts go (tests: a tmp dir)")
+    p.add_argument("--deadline-s", type=float, default=480, help="start no launch that would end later")
+    p.add_argument("--first-estimate-s", type=float, default=45, help="launch time assumed before one ran")
+    p.add_argument("--launch-timeout", type=float, default=240)
+    p.add_argument("--warm-launch", action="store_true", help="one short untimed launch first")
+    p.add_argument("--fail-fast", action="store_true")
+    p.add_argument("--logs", action="store_true", help="also write OUT/logs.tar.gz")
+    p.add_argument("--dry-run", action="store_true", help="print the launches and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "report":
+        rp = argparse.ArgumentParser(prog="run.py report")
+        rp.add_argument("results", nargs="+")
+        rp.add_argument("--out")
+        r = rp.parse_args(argv[1:])
+        return report(r.results, r.out)
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

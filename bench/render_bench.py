@@ -1,0 +1,82 @@
+"""Microbenchmark of ``render()`` per target, against ``plan()`` of the same config in the same run.
+
+Run: ``.venv/bin/python bench/render_bench.py [--repeat N] [--number N]``. Prints one table to
+stdout: µs per call (min and median over ``repeat`` timings of ``number`` calls each) and the
+ratio to ``plan()`` (the baseline: the step before rendering, which every caller pays anyway).
+``to_yaml`` (what ``optimenv render -o yaml`` adds) is shown for scale. The controller renders
+once per reconcile of an ``OptimEnv``, so this is its per-object CPU cost beside the API calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import timeit
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from optimenv.config import parse_config
+from optimenv.plan import Hardware, plan
+from optimenv.render import TARGETS, JobOptions, render
+from optimenv.render.cli import to_yaml
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+HARDWARE = Hardware(nodes=2, gpus_per_node=8, bf16_supported=True)
+CASES = {"FSDP2": "fsdp2-gpu.yaml", "ZeRO-3": "zero3-gpu.yaml", "HSDP 2x2": "parallel-gpu.yaml"}
+OPTIONS = JobOptions(
+    name="ft",
+    image="registry.example.com/train:1.0",
+    command=("python", "train.py"),
+    nodes=2,
+    gpus_per_node=8,
+)
+
+
+def _time(func: Callable[[], object], repeat: int, number: int) -> tuple[float, float]:
+    """(min, median) µs per call."""
+    runs = timeit.repeat(func, repeat=repeat, number=number)
+    per_call = [t / number * 1e6 for t in runs]
+    return min(per_call), statistics.median(per_call)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--number", type=int, default=500)
+    args = parser.parse_args()
+
+    rows: list[tuple[str, float, float, float]] = []
+    for name, file in CASES.items():
+        config = parse_config(yaml.safe_load((EXAMPLES / file).read_text()), base_dirs=(EXAMPLES,))
+        planned = plan(config, HARDWARE)
+        timed: dict[str, tuple[Callable[[], object], int]] = {
+            "plan() (baseline)": (lambda c=config: plan(c, HARDWARE), args.number),
+        }
+        for target in TARGETS:
+            render(planned, target, OPTIONS)  # warm
+            timed[f"render {target}"] = (lambda t=target, p=planned: render(p, t, OPTIONS), args.number)
+        objects = render(planned, "trainjob", OPTIONS)
+        timed["to_yaml(trainjob objects)"] = (lambda o=objects: to_yaml(o), max(args.number // 10, 1))
+        base = 0.0
+        for label, (func, number) in timed.items():
+            best, median = _time(func, args.repeat, number)
+            base = base or best
+            rows.append((f"{name}: {label}", best, median, base))
+
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("optimenv", "pydantic", "pyyaml"))
+    cpu = platform.processor() or platform.machine()
+    print(f"# Python {platform.python_version()} on {cpu}, {os.cpu_count()} CPUs, {versions}")
+    print(f"# repeat={args.repeat} number={args.number} (to_yaml /10)")
+    print(f"{'case':40} {'min µs':>9} {'median µs':>10} {'x plan()':>9}")
+    for label, best, median, base in rows:
+        print(f"{label:40} {best:9.1f} {median:10.1f} {best / base:9.1f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+../service/optimenv/train_tiny.py

@@ -1,0 +1,184 @@
+"""The kopf runtime: which events start a reconcile, and how failures are retried.
+
+Every trigger ends in :meth:`Controller.reconcile`, one level-based, idempotent pass: create,
+update and resume of an ``OptimEnv``; a change of the ConfigMap it references; a change or deletion
+of a ConfigMap it owns (or whose name it wants). API errors become ``kopf.TemporaryError`` with the
+server's delay, so kopf retries them with backoff; an invalid config is not an error (it is status)
+and is not retried until the object or its ConfigMap changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from optimenv.resource import GROUP, PLURAL, VERSION
+from optimenv_controller import reconcile as rc
+from optimenv_controller.kube import ApiFailure, Kube, KubeError, Retryable
+from optimenv_controller.metrics import Metrics
+
+logger = logging.getLogger("optimenv.controller")
+
+#: Delay before retrying a call that the server refused for good (403, 422 …): long, never a hot loop.
+FAILURE_DELAY = 300.0
+#: Attempts of a reconcile started by a ConfigMap event (kopf does not retry event handlers).
+EVENT_ATTEMPTS = 8
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Controller:
+    """Reads, decides (pure, in :mod:`reconcile`), writes; one reconcile per object at a time."""
+
+    def __init__(self, kube: Kube, metrics: Metrics | None = None) -> None:
+        self.kube = kube
+        self.metrics = metrics or Metrics()
+        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def reconcile(self, obj: Mapping[str, Any] | None = None, *, key: tuple[str, str] | None = None) -> None:
+        """Bring the children and status of one OptimEnv in line; ``obj`` or ``key`` (then read)."""
+        if obj is not None:
+            key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        assert key is not None
+        started = time.perf_counter()
+        result = "error"
+        try:
+            async with self._locks[key]:
+                if obj is None:
+                    obj = await self.kube.get(f"{GROUP}/{VERSION}", "OptimEnv", *key)
+                    if obj is None or obj["metadata"].get("deletionTimestamp"):
+                        result = "gone"
+                        return
+                result = await self._reconcile(obj)
+        except KubeError as exc:
+            self.metrics.errors.labels(reason=str(exc.status or "timeout")).inc()
+            raise
+        finally:
+            self.metrics.reconciles.labels(result=result).inc()
+            self.metrics.duration.observe(time.perf_counter() - started)
+
+    async def _reconcile(self, obj: Mapping[str, Any]) -> str:
+        namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        ref = rc.config_map_ref(obj)
+        referenced = await self.kube.get("v1", "ConfigMap", namespace, ref) if ref else None
+        want = rc.desired(obj, referenced)
+        observed: dict[rc.ChildKey, dict[str, Any] | None] = {}
+        if isinstance(want, rc.Desired):
+            keys = [rc.child_key(body) for body in want.children]
+            found = await asyncio.gather(*(self.kube.get(av, kind, namespace, n) for av, kind, n in keys))
+            observed = dict(zip(keys, found, strict=True))
+        outcome = rc.decide(obj, want, observed, _now())
+
+        for apply in outcome.applies:
+            await self.kube.apply(apply.body, force=apply.force)
+        if outcome.status is not None:
+            await self.kube.patch_status(namespace, name, outcome.status)
+        # Only after the writes they report succeeded: a retried reconcile does not repeat them.
+        for event in outcome.events:
+            await self._event(obj, event)
+
+        if isinstance(want, rc.Invalid):
+            logger.warning("%s/%s: invalid: %s", namespace, name, want.message)
+            return "invalid"
+        if outcome.conflict:
+            logger.warning("%s/%s: %s", namespace, name, outcome.conflict)
+            return "conflict"
+        return "updated" if outcome.applies or outcome.status is not None else "synced"
+
+    async def _event(self, obj: Mapping[str, Any], event: rc.Event) -> None:
+        # Events are a courtesy (the same facts are in status): a failed one never fails a reconcile.
+        try:
+            await self.kube.create_event(obj, event.type, event.reason, event.message)
+        except KubeError as exc:
+            logger.info("event %s for %s not recorded: %s", event.reason, obj["metadata"]["name"], exc)
+
+    async def reconcile_with_retries(self, key: tuple[str, str]) -> None:
+        """For triggers kopf does not retry (ConfigMap events): retry here, with the server's delay."""
+        for attempt in range(EVENT_ATTEMPTS):
+            try:
+                await self.reconcile(key=key)
+                return
+            except Retryable as exc:
+                delay = min(exc.delay * (attempt + 1), 30.0)
+                logger.info("%s/%s: retrying in %.1fs: %s", *key, delay, exc)
+                await asyncio.sleep(delay)
+            except ApiFailure as exc:
+                logger.error("%s/%s: %s", *key, exc)
+                return
+        logger.error("%s/%s: giving up after %d attempts; the next change or restart retries", *key, EVENT_ATTEMPTS)
+
+
+def make_settings() -> kopf.OperatorSettings:
+    """kopf settings that hold in every mode (production, tests, benchmark)."""
+    settings = kopf.OperatorSettings()
+    # The CRD's structural schema prunes unknown status fields: keep kopf's state in annotations.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # kopf would post an Event per handler log line; the controller posts its own, meaningful ones.
+    settings.posting.enabled = False
+    settings.peering.standalone = True
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.enforce_retry_after = True
+    return settings
+
+
+def build_registry(controller: Controller, *, login_url: str | None = None) -> kopf.OperatorRegistry:
+    """A kopf registry wired to ``controller``; ``login_url``: an unauthenticated API server (tests)."""
+    registry = kopf.OperatorRegistry()
+
+    if login_url is not None:
+
+        @kopf.on.login(registry=registry)
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(server=login_url, insecure=True)
+
+    @kopf.on.cleanup(id="close_client", registry=registry)
+    async def close_client(**_: Any) -> None:
+        # Before kopf waits for leftover tasks: open keep-alive connections would hold it up.
+        await controller.kube.close()
+
+    @kopf.index(GROUP, VERSION, PLURAL, id="configmaps_of", registry=registry)
+    def configmaps_of(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], str]:
+        """(namespace, ConfigMap name) → OptimEnv names: the referenced one and the owned ones."""
+        names = [*rc.child_configmap_names(name)]
+        ref = rc.config_map_ref(body)
+        if ref:
+            names.append(ref)
+        return {(namespace, cm): name for cm in names}
+
+    @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
+    @kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
+    async def optimenv_changed(body: kopf.Body, **_: Any) -> None:
+        try:
+            await controller.reconcile(body)
+        except Retryable as exc:
+            raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
+        except ApiFailure as exc:
+            raise kopf.TemporaryError(str(exc), delay=FAILURE_DELAY) from exc
+
+    @kopf.on.event("", "v1", "configmaps", id="configmap_event", registry=registry)
+    async def configmap_event(
+        type: str | None, namespace: str, name: str, body: kopf.Body, configmaps_of: kopf.Index[Any, str], **_: Any
+    ) -> None:
+        # type None is the initial listing: resume handlers already reconcile every OptimEnv then.
+        if type is None or (namespace, name) not in configmaps_of:
+            return
+        if type != "DELETED" and rc.child_intact(body):
+            return  # one of ours, exactly as rendered: the echo of our own apply, nothing to undo
+        for owner in sorted(set(configmaps_of[(namespace, name)])):
+            await controller.reconcile_with_retries((namespace, owner))
+
+    return registry

@@ -1,0 +1,190 @@
+"""The one module that talks to the Kubernetes API server (through lightkube).
+
+Reads are plain GETs; children are written by server-side apply (``PATCH`` with
+``application/apply-patch+yaml`` and ``fieldManager=optimenv``), status by a merge patch of the
+``/status`` subresource, Events by ``POST``. Every failure comes out as :class:`Retryable` (try again
+later: 409, 429, 5xx, timeouts, connection errors) or :class:`ApiFailure` (retrying cannot help).
+"""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import httpx2
+from lightkube import AsyncClient, KubeConfig
+from lightkube.config.kubeconfig import Cluster, User
+from lightkube.generic_resource import GenericNamespacedResource, create_namespaced_resource
+from lightkube.models.core_v1 import EventSource, ObjectReference
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import ConfigMap
+from lightkube.resources.core_v1 import Event as CoreEvent
+from lightkube.types import PatchType
+
+from optimenv.resource import GROUP, KIND, PLURAL, VERSION
+from optimenv_controller.reconcile import FIELD_MANAGER
+
+OptimEnvResource = create_namespaced_resource(GROUP, VERSION, KIND, PLURAL)
+_RESOURCES: dict[tuple[str, str], Any] = {("v1", "ConfigMap"): ConfigMap, (f"{GROUP}/{VERSION}", KIND): OptimEnvResource}
+_RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
+
+
+class KubeError(Exception):
+    """A failed API call; ``status`` is the HTTP status, 0 when no answer came."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Retryable(KubeError):
+    """Worth retrying after ``delay`` seconds (the server's Retry-After when it gave one)."""
+
+    def __init__(self, message: str, status: int = 0, delay: float = 1.0) -> None:
+        super().__init__(message, status)
+        self.delay = delay
+
+
+class ApiFailure(KubeError):
+    """Retrying the same request cannot succeed (400, 403, 404 of a resource, 422 …)."""
+
+
+def _resource(api_version: str, kind: str) -> Any:
+    key = (api_version, kind)
+    if key not in _RESOURCES:
+        group, _, version = api_version.rpartition("/")
+        # Every kind the renderers produce pluralises by a trailing "s" (rayjobs, pytorchjobs, trainjobs).
+        _RESOURCES[key] = create_namespaced_resource(group, version, kind, kind.lower() + "s")
+    return _RESOURCES[key]
+
+
+def _to_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, GenericNamespacedResource):
+        return dict(obj.to_dict())
+    data: dict[str, Any] = obj.to_dict()
+    return data
+
+
+def _retry_after(response: httpx2.Response, default: float) -> float:
+    value = response.headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else default
+    except ValueError:
+        return default
+
+
+def translate(exc: Exception, what: str) -> KubeError:
+    """Map a client exception to :class:`Retryable` or :class:`ApiFailure`."""
+    if isinstance(exc, httpx2.HTTPStatusError):
+        code = exc.response.status_code
+        try:
+            message = str(exc.response.json().get("message") or exc.response.reason_phrase)
+        except ValueError:
+            message = exc.response.reason_phrase
+        text = f"{what}: {code} {message}"
+        if code in _RETRY_STATUSES or code >= 500:
+            # 409 from apply is a field-ownership race and from create an object that appeared meanwhile:
+            # both resolve on the next reconcile, which reads the object again.
+            return Retryable(text, code, _retry_after(exc.response, 1.0 if code != 429 else 2.0))
+        return ApiFailure(text, code)
+    if isinstance(exc, httpx2.TimeoutException):
+        return Retryable(f"{what}: timed out", 0, 1.0)
+    if isinstance(exc, httpx2.TransportError):
+        return Retryable(f"{what}: {type(exc).__name__}: {exc}", 0, 1.0)
+    return ApiFailure(f"{what}: {type(exc).__name__}: {exc}")
+
+
+class Kube:
+    """A lightkube client with the few calls the controller makes."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    @classmethod
+    def from_environment(cls, *, timeout: float = 30.0) -> Kube:
+        """In-cluster service account when there is one, else ``KUBECONFIG`` / ``~/.kube/config``."""
+        return cls(AsyncClient(KubeConfig.from_env(), timeout=httpx2.Timeout(timeout), field_manager=FIELD_MANAGER))
+
+    @classmethod
+    def for_server(cls, url: str, *, token: str = "x", timeout: float = 30.0) -> Kube:
+        """A client of one API server URL (tests and benchmarks against kmock)."""
+        config = KubeConfig.from_one(cluster=Cluster(server=url, insecure=True), user=User(token=token))
+        return cls(AsyncClient(config, timeout=httpx2.Timeout(timeout), field_manager=FIELD_MANAGER))
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object as a dict, or None when it does not exist."""
+        what = f"get {kind} {namespace}/{name}"
+        try:
+            return _to_dict(await self._client.get(_resource(api_version, kind), name, namespace=namespace))
+        except httpx2.HTTPStatusError as exc:
+            if exc.response.status_code == 404:
+                return None
+            raise translate(exc, what) from exc
+        except httpx2.HTTPError as exc:
+            raise translate(exc, what) from exc
+
+    async def apply(self, body: Mapping[str, Any], *, force: bool) -> dict[str, Any]:
+        """Server-side apply of the full desired object under the ``optimenv`` field manager."""
+        meta = body["metadata"]
+        what = f"apply {body['kind']} {meta['namespace']}/{meta['name']}"
+        try:
+            written = await self._client.patch(
+                _resource(body["apiVersion"], body["kind"]),
+                meta["name"],
+                dict(body),
+                namespace=meta["namespace"],
+                patch_type=PatchType.APPLY,
+                field_manager=FIELD_MANAGER,
+                force=force,
+            )
+        except httpx2.HTTPError as exc:
+            raise translate(exc, what) from exc
+        return _to_dict(written)
+
+    async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        """Merge-patch ``status`` through the status subresource (conditions are replaced whole)."""
+        what = f"patch status of {KIND} {namespace}/{name}"
+        try:
+            await self._client.patch(
+                OptimEnvResource.Status,
+                name,
+                {"status": dict(status)},
+                namespace=namespace,
+                patch_type=PatchType.MERGE,
+                field_manager=FIELD_MANAGER,
+            )
+        except httpx2.HTTPError as exc:
+            raise translate(exc, what) from exc
+
+    async def create_event(
+        self, obj: Mapping[str, Any], type_: str, reason: str, message: str, *, component: str = "optimenv"
+    ) -> None:
+        meta = obj["metadata"]
+        now = datetime.datetime.now(tz=datetime.UTC)
+        event = CoreEvent(
+            metadata=ObjectMeta(name=f"{meta['name']}.{secrets.token_hex(8)}", namespace=meta["namespace"]),
+            involvedObject=ObjectReference(
+                apiVersion=obj.get("apiVersion", f"{GROUP}/{VERSION}"),
+                kind=obj.get("kind", KIND),
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+                resourceVersion=meta.get("resourceVersion"),
+            ),
+            reason=reason,
+            message=message[:1024],
+            type=type_,
+            source=EventSource(component=component),
+            firstTimestamp=now,
+            lastTimestamp=now,
+            count=1,
+        )
+        try:
+            await self._client.create(event, namespace=meta["namespace"])
+        except httpx2.HTTPError as exc:
+            raise translate(exc, f"create Event for {KIND} {meta['namespace']}/{meta['name']}") from exc

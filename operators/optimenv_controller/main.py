@@ -1,0 +1,88 @@
+"""``optimenv controller``: run the OptimEnv reconciler (kopf) against the cluster.
+
+Credentials: the pod's service account when in a cluster, else ``KUBECONFIG`` (or ~/.kube/config);
+kopf and lightkube both read them the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import click
+import kopf
+
+from optimenv_controller.handlers import Controller, build_registry, make_settings
+from optimenv_controller.kube import Kube
+from optimenv_controller.metrics import Metrics, configure_logging
+
+
+async def run(
+    *,
+    namespaces: tuple[str, ...],
+    metrics_port: int | None,
+    health_port: int | None,
+    verbose: bool = False,
+) -> None:
+    """Run until SIGINT/SIGTERM."""
+    metrics = Metrics()
+    if metrics_port:
+        metrics.serve(metrics_port)
+    kube = Kube.from_environment()
+    controller = Controller(kube, metrics)
+    registry = build_registry(controller)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await kopf.operator(
+            registry=registry,
+            settings=make_settings(),
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=list(namespaces),
+            liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+            stop_flag=stop,
+        )
+    finally:
+        await kube.close()
+
+
+@click.command(name="controller")
+@click.option(
+    "-n",
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="Watch only this namespace (repeatable). Default: all namespaces.",
+)
+@click.option("-A", "--all-namespaces", is_flag=True, help="Watch all namespaces (the default).")
+@click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="/metrics port; 0 = off."
+)
+@click.option(
+    "--health-port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Liveness/readiness port (/healthz); 0 = off.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logs.")
+def controller_command(
+    namespaces: tuple[str, ...], all_namespaces: bool, metrics_port: int, health_port: int, verbose: bool
+) -> None:
+    """Run the OptimEnv controller (in-cluster config or KUBECONFIG); JSON logs on stderr."""
+    if namespaces and all_namespaces:
+        raise click.UsageError("--namespace and --all-namespaces exclude each other")
+    configure_logging(verbose=verbose)
+    asyncio.run(
+        run(
+            namespaces=namespaces,
+            metrics_port=metrics_port or None,
+            health_port=health_port or None,
+            verbose=verbose,
+        )
+    )

@@ -1,0 +1,483 @@
+"""``apply()``: make a worker spec true in this process's environment.
+
+Order: read and verify the spec, refuse if Accelerate's state already exists, check the DeepSpeed
+JSON on disk, decide every deferred step, check every planned variable against the environment,
+and only then write. A refusal leaves the environment as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any, Literal, NamedTuple
+
+from optimenv.bootstrap import _probe
+from optimenv.errors import OptimEnvError
+from optimenv.spec import SpecError, verify_spec
+
+DEFAULT_SPEC_PATH = "/etc/optimenv/spec.json"
+SPEC_ENV = "OPTIMENV_SPEC"
+
+#: Set by the launcher (torchrun, the operators, Ray Train): the bootstrap never writes these,
+#: except the single-GPU DeepSpeed defaults, and those only where nothing is set.
+RENDEZVOUS = frozenset(
+    {
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "NODE_RANK",
+        "GROUP_RANK",
+        "ACCELERATE_TORCH_DEVICE",
+        "CUDA_VISIBLE_DEVICES",
+    }
+)
+DEFERRED_KINDS = frozenset(
+    {
+        "nccl_p2p_check",
+        "bf16_auto",
+        "torch_compile_auto",
+        "require_fp8",
+        "single_gpu_rendezvous_defaults",
+        "deepspeed_zero3_config",
+    }
+)
+
+# transformers keeps only a weakref to its DeepSpeed config; these strong references keep
+# is_deepspeed_zero3_enabled() true for the life of the process (Axolotl's D10).
+_KEEP_ALIVE: list[object] = []
+# The last result per (spec hash, mode, deepspeed copy) with the mapping it was applied to, so a
+# second apply() to the same environment returns the same record.
+_APPLIED: dict[tuple[str, bool, str | None], tuple[Mapping[str, str], Applied]] = {}
+
+
+class BootstrapError(OptimEnvError):
+    """The bootstrap refuses to start the worker (the message says why and what to do)."""
+
+
+# The records are NamedTuples: importing dataclasses and building frozen dataclasses cost the exec
+# path ~10 ms, a third of a bare interpreter start (bench/bootstrap_bench.py).
+
+
+class Variable(NamedTuple):
+    """One planned variable and what the bootstrap did with it.
+
+    ``value`` is what the environment holds now, ``planned`` what the plan asked for, ``source`` the
+    config key behind the plan's value (or ``environment`` when the environment's value was kept).
+    """
+
+    name: str
+    value: str
+    planned: str
+    source: str
+    reason: str
+
+
+class Decision(NamedTuple):
+    """A deferred step as decided on this worker; ``value`` is what it set (``None``: nothing)."""
+
+    kind: str
+    variable: str | None
+    value: str | None
+    reason: str
+
+
+class Applied(NamedTuple):
+    """What :func:`apply` did: ``assigned`` it wrote, ``kept`` it found already set and left alone.
+
+    Immutable. ``zero3_config`` is the live ``HfTrainerDeepSpeedConfig`` for ZeRO-3 (in-process and
+    Ray modes; the bootstrap also holds it for the life of the process), else ``None``.
+    """
+
+    spec_hash: str
+    spec_path: str | None
+    policy: str
+    assigned: tuple[Variable, ...]
+    kept: tuple[Variable, ...]
+    decisions: tuple[Decision, ...]
+    deepspeed_path: str | None
+    in_process: bool
+    zero3_config: object | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Every planned variable with the value it has now."""
+        return {v.name: v.value for v in (*self.assigned, *self.kept)}
+
+    def holds_in(self, environ: Mapping[str, str]) -> bool:
+        return all(environ.get(name) == value for name, value in self.env.items())
+
+    def summary(self) -> str:
+        """One line for logs."""
+        parts = [f"spec {self.spec_hash[:15]} ({self.policy})", f"{len(self.assigned)} set"]
+        if self.kept:
+            parts.append(f"{len(self.kept)} kept ({', '.join(v.name for v in self.kept)})")
+        for d in self.decisions:
+            parts.append(f"{d.kind}: {f'{d.variable}={d.value}' if d.value is not None else 'nothing set'}")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the Ray reports carry it)."""
+
+        def var(v: Variable) -> dict[str, str]:
+            return {
+                "name": v.name,
+                "value": v.value,
+                "planned": v.planned,
+                "source": v.source,
+                "reason": v.reason,
+            }
+
+        return {
+            "specHash": self.spec_hash,
+            "specPath": self.spec_path,
+            "policy": self.policy,
+            "assigned": [var(v) for v in self.assigned],
+            "kept": [var(v) for v in self.kept],
+            "decisions": [
+                {"kind": d.kind, "variable": d.variable, "value": d.value, "reason": d.reason}
+                for d in self.decisions
+            ],
+            "deepspeedPath": self.deepspeed_path,
+            "inProcess": self.in_process,
+            "zero3ConfigAlive": self.zero3_config is not None,
+        }
+
+
+class _Want(NamedTuple):
+    name: str
+    value: str
+    source: str
+    mode: Literal["set", "default"]
+
+
+SpecArg = str | os.PathLike[str] | Mapping[str, Any] | None
+
+
+def apply(spec: SpecArg = None, *, environ: MutableMapping[str, str] = os.environ) -> Applied:
+    """Apply a worker spec to ``environ`` (this process's environment by default).
+
+    ``spec``: a path, an already loaded spec document, or ``None`` for ``$OPTIMENV_SPEC`` or
+    ``/etc/optimenv/spec.json``. Call it before anything creates Accelerate's state (``Accelerator``,
+    ``PartialState``, ``TrainingArguments``). For ZeRO-3 it also creates transformers'
+    ``HfTrainerDeepSpeedConfig`` and keeps it alive, so ``is_deepspeed_zero3_enabled()`` is true in
+    this process. Idempotent: a second call with the same spec returns the same record.
+    Raises :class:`~optimenv.errors.OptimEnvError` (one line) when it refuses.
+    """
+    return apply_spec(spec, environ, in_process=True)
+
+
+def load_spec(spec: SpecArg, environ: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:
+    """The verified spec document and the path it came from (``None`` for a mapping)."""
+    if spec is not None and not isinstance(spec, str | os.PathLike):
+        return verify_spec(dict(spec)), None
+    if spec is not None:
+        path, origin = os.fspath(spec), "--spec"
+    elif environ.get(SPEC_ENV):
+        path, origin = environ[SPEC_ENV], f"${SPEC_ENV}"
+    else:
+        path, origin = DEFAULT_SPEC_PATH, "the default location"
+    try:
+        text = _read(path)
+    except FileNotFoundError:
+        raise SpecError(
+            f"spec: no worker spec at {path} (from {origin}); pass --spec PATH, set {SPEC_ENV}, "
+            f"or mount the spec ConfigMap rendered by optimenv at {DEFAULT_SPEC_PATH}"
+        ) from None
+    except OSError as exc:
+        raise SpecError(f"spec: cannot read {path} (from {origin}): {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(
+            f"spec: {path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); "
+            "render it again with optimenv"
+        ) from None
+    return verify_spec(data), os.path.abspath(path)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as handle:  # not pathlib: it costs the exec path an import
+        return handle.read()
+
+
+def apply_spec(
+    spec: SpecArg,
+    environ: MutableMapping[str, str],
+    *,
+    in_process: bool,
+    deepspeed_path: str | None = None,
+    extra: tuple[tuple[str, str, str], ...] = (),
+) -> Applied:
+    """:func:`apply` for every mode.
+
+    ``in_process``: the caller trains in this process (keep the ZeRO-3 config alive); false for
+    exec mode, where nothing in this process survives ``exec``. ``deepspeed_path``: a worker-local
+    copy of the DeepSpeed JSON to use instead of the spec's path (Ray mode). ``extra``: variables
+    the mode itself needs, as ``(name, value, source)`` (Ray on CPU: ``ACCELERATE_USE_CPU``).
+    """
+    doc, path = load_spec(spec, environ)
+    wants, deferred = _parse(doc)
+    key = (str(doc["hash"]), in_process, deepspeed_path)
+    previous = _APPLIED.get(key)
+    if previous is not None and previous[0] is environ and previous[1].holds_in(environ):
+        return previous[1]
+    _refuse_if_accelerate_started()
+
+    ds_path = _check_deepspeed(doc, deepspeed_path)
+    if deepspeed_path is not None:
+        wants = [
+            _Want(w.name, deepspeed_path, w.source, w.mode)
+            if w.name == "ACCELERATE_DEEPSPEED_CONFIG_FILE" and w.value == doc["deepspeedPath"]
+            else w
+            for w in wants
+        ]
+    wants += [_Want(name, value, source, "set") for name, value, source in extra]
+
+    decisions: list[Decision] = []
+    zero3: object | None = None
+    for step in deferred:
+        decision, more = _decide(step, environ, ds_path=ds_path, in_process=in_process)
+        if step["kind"] == "deepspeed_zero3_config" and in_process and ds_path is not None:
+            zero3 = _zero3_config(ds_path)
+        decisions.append(decision)
+        wants += more
+
+    assigned, kept = _resolve(wants, environ, policy=str(doc["policy"]))
+    for var in assigned:
+        environ[var.name] = var.value
+    if zero3 is not None:
+        _KEEP_ALIVE.append(zero3)
+    result = Applied(
+        spec_hash=str(doc["hash"]),
+        spec_path=path,
+        policy=str(doc["policy"]),
+        assigned=tuple(assigned),
+        kept=tuple(kept),
+        decisions=tuple(decisions),
+        deepspeed_path=ds_path,
+        in_process=in_process,
+        zero3_config=zero3,
+    )
+    _APPLIED[key] = (environ, result)
+    return result
+
+
+def _parse(doc: Mapping[str, Any]) -> tuple[list[_Want], list[dict[str, Any]]]:
+    wants: list[_Want] = []
+    env = doc.get("env")
+    if not isinstance(env, list):
+        raise SpecError("spec.env: must be a list of {name, value, source, mode}")
+    for i, entry in enumerate(env):
+        ok = isinstance(entry, dict) and all(
+            isinstance(entry.get(k), str) for k in ("name", "value", "source", "mode")
+        )
+        if not ok or entry["mode"] not in ("set", "default"):
+            raise SpecError(f"spec.env[{i}]: must be {{name, value, source, mode: set|default}} strings")
+        name = entry["name"]
+        if name in RENDEZVOUS or name.startswith("PET_"):
+            raise SpecError(
+                f"spec.env[{i}]: {name} is a rendezvous variable that only the launcher sets; "
+                "remove it from the spec"
+            )
+        wants.append(_Want(name, entry["value"], entry["source"], entry["mode"]))
+    deferred = doc.get("deferred")
+    if not isinstance(deferred, list):
+        raise SpecError("spec.deferred: must be a list")
+    for i, step in enumerate(deferred):
+        if not isinstance(step, dict) or not isinstance(step.get("detail"), dict):
+            raise SpecError(f"spec.deferred[{i}]: must be {{kind, variable, source, detail}}")
+        if step.get("kind") not in DEFERRED_KINDS:
+            raise SpecError(
+                f"spec.deferred[{i}].kind: {step.get('kind')!r} is unknown to this bootstrap; "
+                "install the optimenv version that rendered the spec in the worker image"
+            )
+    return wants, deferred
+
+
+def _refuse_if_accelerate_started() -> None:
+    # Only look if Accelerate is already imported: importing it here would cost seconds and prove nothing.
+    state = sys.modules.get("accelerate.state")
+    if state is None:
+        return
+    for name in ("PartialState", "AcceleratorState"):
+        cls = getattr(state, name, None)
+        if cls is not None and len(getattr(cls, "_shared_state", {})) > 0:
+            raise BootstrapError(
+                f"accelerate: {name} is already initialised in this process, so the planned "
+                "environment would be silently ignored; call optimenv.bootstrap.apply() before "
+                "anything creates Accelerator, PartialState or TrainingArguments (or start the "
+                "script with optimenv-bootstrap or python -m optimenv.bootstrap run)"
+            )
+
+
+def _check_deepspeed(doc: Mapping[str, Any], override: str | None) -> str | None:
+    planned = doc.get("deepspeed")
+    if planned is None:
+        return None
+    path = override or doc.get("deepspeedPath")
+    if not isinstance(path, str) or not path:
+        raise SpecError("spec.deepspeedPath: missing although the spec has a DeepSpeed config")
+    try:
+        text = _read(path)
+    except FileNotFoundError:
+        raise BootstrapError(
+            f"deepspeed: the plan's DeepSpeed JSON is missing at {path}; mount the DeepSpeed "
+            "ConfigMap rendered with this spec there"
+        ) from None
+    except OSError as exc:
+        raise BootstrapError(f"deepspeed: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        on_disk = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BootstrapError(
+            f"deepspeed: {path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); "
+            "mount the DeepSpeed ConfigMap rendered with this spec"
+        ) from None
+    if on_disk != planned:
+        where = _first_difference(on_disk, planned, "")
+        raise BootstrapError(
+            f"deepspeed: {path} differs from the plan at {where}; a stale or hand-edited file "
+            "would train with other settings than planned: mount the DeepSpeed ConfigMap rendered "
+            "with this spec"
+        )
+    return path
+
+
+def _first_difference(have: Any, want: Any, at: str) -> str:
+    if isinstance(have, dict) and isinstance(want, dict):
+        for key in sorted(set(have) | set(want), key=str):
+            sub = f"{at}.{key}" if at else str(key)
+            if key not in have:
+                return f"{sub} (missing in the file, the plan has {json.dumps(want[key])})"
+            if key not in want:
+                return f"{sub} (in the file only: {json.dumps(have[key])})"
+            if have[key] != want[key]:
+                return _first_difference(have[key], want[key], sub)
+    return f"{at or '<top level>'} (file has {json.dumps(have)}, the plan has {json.dumps(want)})"
+
+
+def _decide(
+    step: Mapping[str, Any], environ: Mapping[str, str], *, ds_path: str | None, in_process: bool
+) -> tuple[Decision, list[_Want]]:
+    kind = str(step["kind"])
+    variable = step.get("variable")
+    source = str(step.get("source") or kind)
+    detail: Mapping[str, Any] = step["detail"]
+
+    if kind == "nccl_p2p_check":
+        var = str(variable or "NCCL_P2P_DISABLE")
+        if detail.get("skip_if_set", True) and var in environ:
+            return Decision(kind, var, None, f"{var} already set by the environment"), []
+        supported, why = _probe.p2p_supported(environ)
+        if supported is False:
+            value = str(detail.get("value_if_unsupported", "1"))
+            return Decision(kind, var, value, why), [_Want(var, value, source, "set")]
+        return Decision(kind, var, None, why), []
+
+    if kind == "bf16_auto":
+        var = str(variable or "ACCELERATE_MIXED_PRECISION")
+        supported, why = _probe.bf16_supported(environ)
+        value = str(detail["if_supported"] if supported else detail["otherwise"])
+        required = detail.get("deepspeed_requires")
+        if required and value != required:
+            raise BootstrapError(
+                f"bf16: auto resolves to {value!r} on this worker ({why}), but the DeepSpeed JSON "
+                f'sets {required}.enabled: true; set it to "auto" in the JSON, or run on GPUs that '
+                f"support {required}"
+            )
+        return Decision(kind, var, value, why), [_Want(var, value, source, "set")]
+
+    if kind == "torch_compile_auto":
+        var = str(variable or "ACCELERATE_DYNAMO_BACKEND")
+        version = _probe.torch_version()
+        minimum = str(detail.get("min_torch", "0"))
+        if version is None:
+            return Decision(kind, var, None, "torch is not installed: torch_compile stays off"), []
+        if _probe.version_tuple(version) < _probe.version_tuple(minimum):
+            return Decision(kind, var, None, f"torch {version} < {minimum}: torch_compile stays off"), []
+        value = str(detail["value"])
+        return Decision(kind, var, value, f"torch {version} >= {minimum}"), [_Want(var, value, source, "set")]
+
+    if kind == "require_fp8":
+        capability, why = _probe.min_compute_capability(environ)
+        if capability is None or capability < (8, 9):
+            raise BootstrapError(
+                f"fp8: requested, but this worker cannot run it ({why}); fp8 needs GPUs of compute "
+                "capability >= 8.9: remove fp8 from the config or schedule on such GPUs"
+            )
+        return Decision(kind, variable, None, why), []
+
+    if kind == "single_gpu_rendezvous_defaults":
+        defaults = detail.get("defaults")
+        if not isinstance(defaults, dict) or not set(defaults) <= RENDEZVOUS:
+            raise SpecError(
+                "spec.deferred: single_gpu_rendezvous_defaults.defaults must name rendezvous variables"
+            )
+        world = environ.get("WORLD_SIZE")
+        if world not in (None, "1"):
+            return Decision(kind, None, None, f"WORLD_SIZE={world} set by the launcher"), []
+        count, why = _probe.cuda_device_count(environ)
+        if count != 1:
+            return Decision(kind, None, None, f"not a single-GPU run ({why})"), []
+        wants = [_Want(k, str(v), f"{source} (single GPU)", "default") for k, v in defaults.items()]
+        missing = [w.name for w in wants if w.name not in environ]
+        return Decision(kind, None, None, f"one GPU: defaults for {', '.join(missing) or 'nothing'}"), wants
+
+    # deepspeed_zero3_config
+    if in_process:
+        why = (
+            f"HfTrainerDeepSpeedConfig({ds_path}) held for this process: is_deepspeed_zero3_enabled() is true"
+        )
+    else:
+        why = (
+            "exec mode: no object survives exec; the training process keys on "
+            "ACCELERATE_DEEPSPEED_ZERO_STAGE=3 (Accelerate and TrainingArguments build the config there)"
+        )
+    return Decision(kind, None, None, why), []
+
+
+def _zero3_config(path: str) -> object:
+    try:
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+        return HfTrainerDeepSpeedConfig(path)
+    except (ImportError, ValueError, RuntimeError) as exc:
+        raise BootstrapError(
+            f"deepspeed: cannot build transformers' HfTrainerDeepSpeedConfig from {path} ({exc}); "
+            "install optimenv[worker] (transformers, accelerate, deepspeed) in the worker image"
+        ) from None
+
+
+def _resolve(
+    wants: list[_Want], environ: Mapping[str, str], *, policy: str
+) -> tuple[list[Variable], list[Variable]]:
+    assigned: list[Variable] = []
+    kept: list[Variable] = []
+    conflicts: list[str] = []
+    for w in wants:
+        current = environ.get(w.name)
+        if current is None:
+            assigned.append(Variable(w.name, w.value, w.value, w.source, "planned"))
+        elif current == w.value:
+            kept.append(Variable(w.name, current, w.value, w.source, "already set to the planned value"))
+        elif w.mode == "default":
+            kept.append(
+                Variable(w.name, current, w.value, "environment", "a default: the environment's value stays")
+            )
+        elif policy == "user-wins":
+            kept.append(Variable(w.name, current, w.value, "environment", "policy user-wins"))
+        else:
+            conflicts.append(
+                f"{w.name}={current!r} from the environment, the plan sets {w.value!r} from {w.source}"
+            )
+    if conflicts:
+        raise BootstrapError(
+            f"conflict: {'; '.join(conflicts)}; unset the variable in the pod or Ray runtime env, or "
+            "render the spec with policy user-wins to keep the environment's value"
+        )
+    return assigned, kept

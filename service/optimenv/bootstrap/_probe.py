@@ -1,0 +1,128 @@
+"""What the worker's hardware says, asked as cheaply as each question allows.
+
+Every probe first checks whether a GPU can be present at all (device nodes, ``CUDA_VISIBLE_DEVICES``)
+so that a CPU-only worker never imports torch: the pod entrypoint runs this on every start. Where a
+GPU may be present, torch answers (and Accelerate's own P2P check, when Accelerate is installed).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+# NVIDIA (driver control node, first GPU), AMD ROCm (torch.cuda works through HIP), WSL.
+_GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+def no_gpu_reason(environ: Mapping[str, str]) -> str | None:
+    """Why this worker certainly has no usable GPU, or ``None`` if it may have one."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    if not any(os.path.exists(node) for node in _GPU_DEVICE_NODES):
+        return "no GPU device node (/dev/nvidia*, /dev/kfd) on this machine"
+    return None
+
+
+def _cuda() -> Any | None:
+    """``torch.cuda`` when torch is installed and sees a device, else ``None``."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda if torch.cuda.is_available() else None
+
+
+def cuda_device_count(environ: Mapping[str, str]) -> tuple[int, str]:
+    """Visible CUDA devices, and how that was found out."""
+    reason = no_gpu_reason(environ)
+    if reason is not None:
+        return 0, reason
+    cuda = _cuda()
+    if cuda is None:
+        return 0, "torch sees no CUDA device"
+    count = int(cuda.device_count())
+    return count, f"torch sees {count} CUDA device(s)"
+
+
+def bf16_supported(environ: Mapping[str, str]) -> tuple[bool, str]:
+    """Whether the GPU supports bf16, as Axolotl asks it (``torch.cuda.is_bf16_supported()``)."""
+    reason = no_gpu_reason(environ)
+    if reason is not None:
+        return False, reason
+    cuda = _cuda()
+    if cuda is None:
+        return False, "torch sees no CUDA device"
+    supported = bool(cuda.is_bf16_supported())
+    name = cuda.get_device_name(0)
+    return supported, f"{name}: bf16 {'supported' if supported else 'not supported'}"
+
+
+def min_compute_capability(environ: Mapping[str, str]) -> tuple[tuple[int, int] | None, str]:
+    """The lowest compute capability among the visible GPUs (``None`` without a GPU)."""
+    count, how = cuda_device_count(environ)
+    if count == 0:
+        return None, how
+    cuda = _cuda()
+    assert cuda is not None
+    caps = [tuple(cuda.get_device_capability(i)) for i in range(count)]
+    low = min(caps)
+    return (int(low[0]), int(low[1])), f"{cuda.get_device_name(0)}: compute capability {low[0]}.{low[1]}"
+
+
+def p2p_supported(environ: Mapping[str, str]) -> tuple[bool | None, str]:
+    """Whether the GPUs this node's processes share can talk peer to peer.
+
+    ``None``: nothing to check (no GPU, or a single local process). Two checks, like Axolotl's:
+    Accelerate's ``check_cuda_p2p_ib_support`` (``nvidia-smi``: RTX 40 cards on an old driver), then
+    ``torch.cuda.can_device_access_peer`` between every pair of the node's local devices. The local
+    devices are ``LOCAL_WORLD_SIZE`` of them (all visible ones before a launcher has set it), not
+    Axolotl's ``NODE_WORLD_SIZE`` with a default of 8, which probes a device that is not there (D17).
+    """
+    count, how = cuda_device_count(environ)
+    if count == 0:
+        return None, how
+    local = environ.get("LOCAL_WORLD_SIZE", "")
+    n_local = min(int(local), count) if local.isdigit() else count
+    if n_local < 2:
+        return None, f"{n_local} local GPU process(es): no peer-to-peer traffic on this node"
+    try:
+        from accelerate.utils import check_cuda_p2p_ib_support
+    except ImportError:  # pragma: no cover - accelerate is in the worker extra
+        pass
+    else:
+        if not check_cuda_p2p_ib_support():
+            return False, "Accelerate: RTX 40 GPUs with a driver older than 550.40.07"
+    cuda = _cuda()
+    assert cuda is not None
+    for i in range(n_local):
+        for j in range(n_local):
+            if i != j and not cuda.can_device_access_peer(i, j):
+                return False, f"torch: device {i} cannot access device {j} peer to peer"
+    return True, f"P2P between all {n_local} local GPUs"
+
+
+def torch_version() -> str | None:
+    """The installed torch version, read from its metadata (importing torch would take seconds)."""
+    import importlib.metadata  # ~10 ms of imports: only for specs with torch_compile: auto
+
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``2.5.1+cu124`` → ``(2, 5, 1)``, ``2.6.0rc1`` → ``(2, 6, 0)``."""
+    parts: list[int] = []
+    for piece in version.split("+")[0].split("."):
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)

@@ -1,0 +1,342 @@
+"""The ``OptimEnv`` custom resource: its pydantic models and the CRD generated from them.
+
+Pure: no Kubernetes client. The reconciler validates ``spec`` with :func:`parse_spec`; the API server
+validates with the structural schema that :func:`crd_manifest` derives from the same models, so the
+two cannot drift apart. ``python -m optimenv.resource`` (or ``optimenv crd``) prints the CRD.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import click
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from optimenv.errors import ConfigError
+from optimenv.plan import DEFAULT_DEEPSPEED_PATH, Hardware
+
+GROUP = "optimenv.dev"
+VERSION = "v1alpha1"
+KIND = "OptimEnv"
+PLURAL = "optimenvs"
+SINGULAR = "optimenv"
+SHORT_NAMES = ("oenv",)
+API_VERSION = f"{GROUP}/{VERSION}"
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+class Topology(BaseModel):
+    """What is known of the GPUs the job runs on; unknown capabilities are decided on the worker."""
+
+    model_config = _STRICT
+
+    nodes: int = Field(1, ge=1, description="Number of nodes (pods) of the job.")
+    gpusPerNode: int = Field(1, ge=1, description="GPUs, and so training processes, per node.")
+    bf16Supported: bool | None = Field(
+        None, description="Whether the GPUs support bf16; leave out to let the worker detect it."
+    )
+    fp8Supported: bool | None = Field(None, description="Whether the GPUs support fp8.")
+    torchVersion: str | None = Field(
+        None, description="torch version of the worker image (decides torch_compile: auto)."
+    )
+
+    def hardware(self) -> Hardware:
+        return Hardware(
+            nodes=self.nodes,
+            gpus_per_node=self.gpusPerNode,
+            bf16_supported=self.bf16Supported,
+            fp8_supported=self.fp8Supported,
+            torch_version=self.torchVersion,
+        )
+
+
+class ConfigMapRef(BaseModel):
+    """A ConfigMap in the OptimEnv's namespace whose key holds the training config as YAML."""
+
+    model_config = _STRICT
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the ConfigMap.")
+    key: str = Field("config.yaml", min_length=1, max_length=253, description="Key holding the YAML.")
+
+
+class JobSpec(BaseModel):
+    """The training job the controller creates and owns, rendered like ``optimenv render``."""
+
+    model_config = _STRICT
+
+    target: Literal["rayjob", "pytorchjob", "trainjob"] = Field(description="Job operator to target.")
+    image: str = Field(min_length=1, description="Container image of the training workers.")
+    command: list[str] = Field(
+        default_factory=list, description="Training command run under the bootstrap on every worker."
+    )
+    serviceAccount: str | None = Field(None, description="Service account of the worker pods.")
+    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Node selector of the workers.")
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Tolerations of the worker pods (core/v1 Toleration)."
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on the job and its pods.")
+    runtime: str | None = Field(
+        None, description="TrainJob only: the ClusterTrainingRuntime to reference (default by config)."
+    )
+
+
+class OptimEnvSpec(BaseModel):
+    """Desired state: a training config (inline or from a ConfigMap), its topology, optionally a job."""
+
+    model_config = _STRICT
+
+    config: dict[str, Any] | None = Field(
+        None, description="The Axolotl-style training config, inline. Exactly one of config and configMapRef."
+    )
+    configMapRef: ConfigMapRef | None = Field(
+        None,
+        description="A ConfigMap key holding the training config. Exactly one of config and configMapRef.",
+    )
+    topology: Topology = Field(default_factory=Topology, description="Nodes, GPUs and their capabilities.")
+    deepspeedPath: str = Field(
+        DEFAULT_DEEPSPEED_PATH,
+        pattern=r"^/",
+        description="Absolute path where the DeepSpeed JSON is mounted on the workers.",
+    )
+    policy: Literal["plan-wins", "user-wins"] = Field(
+        "plan-wins", description="Whether planned variables override env the user set on the workers."
+    )
+    job: JobSpec | None = Field(
+        None, description="Create and own this training job; leave out for ConfigMaps only."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> OptimEnvSpec:
+        if (self.config is None) == (self.configMapRef is None):
+            raise ValueError("set exactly one of spec.config and spec.configMapRef")
+        return self
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(BaseModel):
+    """One entry of status.conditions, shaped and validated like metav1.Condition."""
+
+    model_config = _STRICT
+
+    type: str = Field(
+        max_length=316,
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$",
+        description="Condition type: Ready or Valid.",
+    )
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    observedGeneration: int | None = Field(
+        None, ge=0, description="metadata.generation the condition was set for."
+    )
+    lastTransitionTime: str = Field(
+        json_schema_extra={"format": "date-time"}, description="When the status last changed."
+    )
+    reason: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="CamelCase reason for the last transition.",
+    )
+    message: str = Field(max_length=32768, description="Human-readable detail; may be empty.")
+
+
+class PlanSummary(BaseModel):
+    """What the last good reconcile produced."""
+
+    model_config = _STRICT
+
+    target: str | None = Field(None, description="Job target, when a job is owned.")
+    envConfigMap: str | None = Field(None, description="ConfigMap with the planned env (for envFrom).")
+    specConfigMap: str | None = Field(None, description="ConfigMap with the worker spec JSON.")
+    deepspeedConfigMap: str | None = Field(
+        None, description="ConfigMap with deepspeed.json, if DeepSpeed is on."
+    )
+    hash: str | None = Field(None, description="Content hash of the worker spec.")
+
+
+class OptimEnvStatus(BaseModel):
+    """Observed state, written by the controller through the status subresource."""
+
+    model_config = _STRICT
+
+    observedGeneration: int | None = Field(None, ge=0, description="metadata.generation last reconciled.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        description="Ready and Valid, with reason, message and observedGeneration.",
+    )
+    plan: PlanSummary | None = Field(None, description="Summary of the last good plan.")
+
+
+def parse_spec(data: Mapping[str, Any] | None) -> OptimEnvSpec:
+    """Validate an object's ``spec``; a :class:`ConfigError` names the field as ``spec.<path>``."""
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError("spec", f"must be a mapping, got {type(data).__name__}")
+    try:
+        return OptimEnvSpec.model_validate(dict(data or {}))
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        field = ".".join(["spec", *(str(p) for p in first["loc"])])
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field (check its spelling in `kubectl explain optimenv.spec`)"
+        more = len(exc.errors()) - 1
+        raise ConfigError(field, message + (f"; {more} more error(s)" if more else "")) from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# pydantic JSON schema -> Kubernetes structural schema
+
+
+class UnsupportedSchemaError(TypeError):
+    """A model uses a construct a structural schema cannot express (a programming error)."""
+
+
+_DROP = {"title", "examples"}
+_UNSUPPORTED = {"oneOf", "allOf", "not", "prefixItems", "patternProperties", "discriminator", "$defs"}
+
+
+def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s validation JSON schema rewritten into an ``openAPIV3Schema`` the API server accepts."""
+    raw = model.model_json_schema(mode="validation")
+    defs = raw.pop("$defs", {})
+    schema: dict[str, Any] = _sorted(_rewrite(raw, defs, path=model.__name__))
+    return schema
+
+
+def _sorted(node: Any) -> Any:
+    """Keys in alphabetical order at every level (as controller-gen writes them); lists keep theirs."""
+    if isinstance(node, dict):
+        return {key: _sorted(node[key]) for key in sorted(node)}
+    if isinstance(node, list):
+        return [_sorted(item) for item in node]
+    return node
+
+
+def _rewrite(node: Mapping[str, Any], defs: Mapping[str, Any], path: str) -> dict[str, Any]:
+    node = dict(node)
+    nullable = False
+    if "anyOf" in node:
+        branches = [b for b in node.pop("anyOf") if b != {"type": "null"}]
+        if len(branches) != 1:
+            raise UnsupportedSchemaError(f"{path}: unions other than X | None are not structural")
+        nullable = True
+        node = {**branches[0], **node}
+    if "$ref" in node:
+        # The field's own keys (its description) win over the referenced model's (its docstring).
+        node = {**defs[node.pop("$ref").removeprefix("#/$defs/")], **node}
+    for key in _UNSUPPORTED & node.keys():
+        raise UnsupportedSchemaError(f"{path}: {key} cannot be expressed in a structural schema")
+    if node.get("uniqueItems"):
+        raise UnsupportedSchemaError(f"{path}: uniqueItems; use x-kubernetes-list-type: set")
+
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP:
+            continue
+        if key == "default":
+            # Only scalar defaults are worth persisting; empty collections and null are implied.
+            if value is not None and not isinstance(value, dict | list):
+                out[key] = value
+        elif key == "const":
+            out["enum"] = [value]
+        elif key == "exclusiveMinimum" and not isinstance(value, bool):
+            out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key == "exclusiveMaximum" and not isinstance(value, bool):
+            out["maximum"], out["exclusiveMaximum"] = value, True
+        elif key == "properties":
+            out[key] = {name: _rewrite(sub, defs, f"{path}.{name}") for name, sub in value.items()}
+        elif key == "items":
+            out[key] = _rewrite(value, defs, f"{path}[]")
+        elif key == "additionalProperties":
+            if value is True or value == {}:
+                out["x-kubernetes-preserve-unknown-fields"] = True
+            elif isinstance(value, dict):
+                out[key] = _rewrite(value, defs, f"{path}.*")
+            # False (extra="forbid") is not allowed in a CRD; the API server prunes unknown fields.
+        else:
+            out[key] = value
+    if nullable:
+        out["nullable"] = True
+    if not out.get("type") and not out.get("x-kubernetes-preserve-unknown-fields"):
+        raise UnsupportedSchemaError(f"{path}: no type (Any is only allowed as dict[str, Any])")
+    return out
+
+
+def crd_manifest() -> dict[str, Any]:
+    """The ``apiextensions.k8s.io/v1`` CustomResourceDefinition of ``OptimEnv``."""
+    spec = structural_schema(OptimEnvSpec)
+    # A CEL rule so the API server refuses what parse_spec refuses (GA since Kubernetes 1.29).
+    spec["x-kubernetes-validations"] = [
+        {
+            "rule": "has(self.config) != has(self.configMapRef)",
+            "message": "set exactly one of spec.config and spec.configMapRef",
+        }
+    ]
+    status = structural_schema(OptimEnvStatus)
+    schema = {
+        "description": "OptimEnv plans the Accelerate / DeepSpeed environment of a training config "
+        "and keeps its ConfigMaps (and optionally its job) in line with it.",
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+    ready = '.status.conditions[?(@.type=="Ready")]'
+    version = {
+        "name": VERSION,
+        "served": True,
+        "storage": True,
+        "subresources": {"status": {}},
+        "additionalPrinterColumns": [
+            {"name": "Target", "type": "string", "jsonPath": ".spec.job.target"},
+            {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status"},
+            {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        "schema": {"openAPIV3Schema": schema},
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": CRD_NAME},
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": list(SHORT_NAMES),
+                "categories": ["ml"],
+            },
+            "scope": "Namespaced",
+            "versions": [version],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    """The CRD as the YAML committed under ``manifests/crds/`` (deterministic bytes)."""
+    return yaml.safe_dump(crd_manifest(), sort_keys=False, width=110, allow_unicode=True)
+
+
+@click.command(name="crd")
+def crd_command() -> None:
+    """Print the OptimEnv CustomResourceDefinition as YAML (kubectl apply --server-side -f -)."""
+    click.echo(crd_yaml(), nl=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.stdout.write(crd_yaml())

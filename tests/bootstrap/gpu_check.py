@@ -1,0 +1,99 @@
+"""The GPU branches of the deferred steps, on a real GPU host (run by hand through the device tool).
+
+    PYTHONPATH=service python tests/bootstrap/gpu_check.py
+
+Needs only torch and accelerate (no pydantic: the spec is built from a Plan directly). Prints one
+JSON document: exec mode's child environment and in-process decisions, with all GPUs visible and
+with one. Not collected by pytest (the CI machine has no GPU); results are quoted in
+docs/bootstrap.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from optimenv.plan import SINGLE_GPU_DEFAULTS, Deferred, EnvVar, Plan
+from optimenv.spec import build_spec, spec_text
+
+DEFERRED = (
+    Deferred(
+        "nccl_p2p_check",
+        "NCCL_P2P_DISABLE",
+        "default",
+        (("skip_if_set", True), ("value_if_unsupported", "1")),
+    ),
+    Deferred(
+        "bf16_auto", "ACCELERATE_MIXED_PRECISION", "bf16", (("if_supported", "bf16"), ("otherwise", "no"))
+    ),
+    Deferred("require_fp8", None, "fp8"),
+    Deferred("single_gpu_rendezvous_defaults", None, "deepspeed", (("defaults", dict(SINGLE_GPU_DEFAULTS)),)),
+    Deferred(
+        "torch_compile_auto",
+        "ACCELERATE_DYNAMO_BACKEND",
+        "torch_compile",
+        (("min_torch", "2.5.1"), ("value", "INDUCTOR")),
+    ),
+)
+KEYS = ("NCCL_P2P_DISABLE", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND", *SINGLE_GPU_DEFAULTS)
+
+
+def main() -> None:
+    plan = Plan(
+        env=(EnvVar("ACCELERATE_USE_FSDP", "true", "fsdp_config"),),
+        deepspeed=None,
+        deepspeed_path=None,
+        zero_stage=None,
+        deferred=DEFERRED,
+        warnings=(),
+    )
+    spec = Path(tempfile.mkdtemp()) / "spec.json"
+    spec.write_text(spec_text(build_spec(plan)))
+    base = {k: v for k, v in os.environ.items() if k not in KEYS}
+    out: dict[str, object] = {}
+    for label, visible in (("all_gpus", None), ("one_gpu", "0")):
+        env = dict(base)
+        if visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = visible
+        child = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "optimenv.bootstrap",
+                "--spec",
+                str(spec),
+                "--",
+                sys.executable,
+                "-c",
+                f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {KEYS!r}}}))",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        code = (
+            "import json, optimenv.bootstrap as b\n"
+            f"a = b.apply({str(spec)!r}, environ={{}})\n"
+            "print(json.dumps(a.to_dict()['decisions']))"
+        )
+        decisions = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+        )
+        out[label] = {
+            "exec_rc": child.returncode,
+            "exec_env": json.loads(child.stdout) if child.returncode == 0 else None,
+            "stderr": child.stderr.strip(),
+            "decisions": json.loads(decisions.stdout)
+            if decisions.returncode == 0
+            else decisions.stderr[-500:],
+        }
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

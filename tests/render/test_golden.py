@@ -1,0 +1,91 @@
+"""Golden files: every example config x every target, byte for byte, and each object valid.
+
+Regenerate after an intended change with ``OPTIMENV_UPDATE_GOLDEN=1 pytest tests/render``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from optimenv.cli import main
+from optimenv.render import TARGETS, JobOptions, render
+from optimenv.render.cli import to_yaml
+from tests.render.conftest import EXAMPLES, GOLDEN, REPO, plan_example
+from tests.render.validators import Validator
+
+UPDATE = os.environ.get("OPTIMENV_UPDATE_GOLDEN") == "1"
+EXAMPLE_NAMES = sorted(p.stem for p in EXAMPLES.glob("*.yaml"))
+MANIFESTS = REPO / "manifests" / "examples"
+# The user-facing examples: FSDP2, HSDP and ZeRO-3 on 2 nodes x 4 GPUs, for each target.
+MANIFEST_EXAMPLES = ("fsdp2-gpu", "parallel-gpu", "zero3-gpu")
+
+
+def _options(example: str) -> JobOptions:
+    return JobOptions(
+        name=f"ft-{example}",
+        namespace="ml",
+        image="registry.example.com/train:1.0",
+        command=("python", "train.py", "--config", "/workspace/config.yaml"),
+        nodes=2,
+        gpus_per_node=4,
+        service_account="trainer",
+        node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
+        labels={"team": "research"},
+    )
+
+
+def _compare(path: Path, text: str) -> None:
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return
+    assert path.is_file(), f"{path} missing; run with OPTIMENV_UPDATE_GOLDEN=1"
+    assert path.read_text(encoding="utf-8") == text, f"{path} drifted; rerun with OPTIMENV_UPDATE_GOLDEN=1"
+
+
+@pytest.mark.parametrize("example", EXAMPLE_NAMES)
+def test_golden(example: str, validator: Validator) -> None:
+    result = plan_example(example, 2, 4)
+    for target in TARGETS:
+        objects = render(result, target, _options(example))
+        validator.validate_all(objects)
+        _compare(GOLDEN / example / f"{target}.yaml", to_yaml(objects))
+
+
+def test_golden_has_no_strays() -> None:
+    expected = {GOLDEN / e / f"{t}.yaml" for e in EXAMPLE_NAMES for t in TARGETS}
+    assert set(GOLDEN.glob("*/*.yaml")) == expected
+
+
+@pytest.mark.parametrize("example", MANIFEST_EXAMPLES)
+def test_manifests_examples_match_the_cli(
+    example: str, validator: Validator, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``manifests/examples`` is exactly what the documented CLI line prints."""
+    monkeypatch.chdir(REPO)
+    for target in TARGETS:
+        argv = [
+            "render",
+            f"examples/{example}.yaml",
+            "--target",
+            target,
+            "--name",
+            example,
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "4",
+        ]
+        if target != "configmaps":
+            argv += ["--image", "ghcr.io/example/train:latest", "--", "python", "train.py"]
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        out = capsys.readouterr().out
+        assert exit_info.value.code == 0, out
+        validator.validate_all(list(yaml.safe_load_all(out)))
+        _compare(MANIFESTS / f"{example}.{target}.yaml", out)

@@ -1,0 +1,310 @@
+"""What goes where: ConfigMaps, hashes, mounts, resources, passthrough, sizing, and every refusal."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from optimenv.config import parse_config
+from optimenv.errors import ConfigError, OptimEnvError
+from optimenv.plan import EnvVar, Hardware, plan
+from optimenv.render import CONTENT_HASH_ANNOTATION, TARGETS, JobOptions, object_name
+from optimenv.spec import build_spec, content_hash, verify_spec
+from tests.render.conftest import plan_example, render_checked
+from tests.render.validators import Validator
+
+JOBS = ("rayjob", "pytorchjob", "trainjob")
+
+
+def _options(**overrides: Any) -> JobOptions:
+    base: dict[str, Any] = dict(
+        name="ft", image="img:1", command=("python", "train.py"), nodes=2, gpus_per_node=4
+    )
+    return JobOptions(**{**base, **overrides})
+
+
+def _pod_templates(job: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = job["spec"]
+    if job["kind"] == "RayJob":
+        cluster = spec["rayClusterSpec"]
+        return [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]
+    if job["kind"] == "PyTorchJob":
+        return [r["template"] for r in spec["pytorchReplicaSpecs"].values()]
+    patches = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    return [p["template"]["spec"]["template"] for p in patches]
+
+
+def test_configmaps_first_with_their_content_hash() -> None:
+    p = plan_example("zero3-gpu", 2, 4)
+    for target in TARGETS:
+        objects = render_checked(p, target, _options())
+        kinds = [o["kind"] for o in objects]
+        assert kinds[:3] == ["ConfigMap"] * 3
+        assert [o["metadata"]["name"] for o in objects[:3]] == ["ft-env", "ft-deepspeed", "ft-spec"]
+        assert len(objects) == (3 if target == "configmaps" else 4)
+        for cm in objects[:3]:
+            assert cm["metadata"]["annotations"][CONTENT_HASH_ANNOTATION] == content_hash(cm["data"])
+
+
+def test_env_spec_and_deepspeed_contents() -> None:
+    p = plan_example("fsdp2-cpu", 2, 4)  # bf16: auto stays deferred
+    objects = render_checked(p, "configmaps", _options())
+    env, spec_cm = objects
+    assert env["data"] == p.env_dict
+    assert "ACCELERATE_MIXED_PRECISION" not in env["data"]  # deferred: the bootstrap decides
+    spec = verify_spec(json.loads(spec_cm["data"]["spec.json"]))
+    assert spec == build_spec(p)
+    assert {d["kind"] for d in spec["deferred"]} >= {"bf16_auto", "nccl_p2p_check"}
+    zero3 = plan_example("zero3-gpu", 2, 4)
+    ds = render_checked(zero3, "configmaps", _options())[1]
+    assert json.loads(ds["data"]["deepspeed.json"]) == zero3.deepspeed
+    user_wins = render_checked(zero3, "configmaps", _options(spec_policy="user-wins"))[-1]
+    assert json.loads(user_wins["data"]["spec.json"])["policy"] == "user-wins"
+
+
+def test_pod_templates_mount_roll_and_request_gpus() -> None:
+    p = plan_example("zero3-gpu", 2, 4)
+    for target in JOBS:
+        objects = render_checked(p, target, _options())
+        cms = {
+            o["metadata"]["name"]: o["metadata"]["annotations"][CONTENT_HASH_ANNOTATION] for o in objects[:3]
+        }
+        for template in _pod_templates(objects[-1]):
+            assert template["metadata"]["annotations"][CONTENT_HASH_ANNOTATION] == content_hash(cms)
+            container = template["spec"]["containers"][0]
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+            assert volumes[mounts["/etc/optimenv/spec.json"]["name"]]["configMap"]["name"] == "ft-spec"
+            assert volumes[mounts[p.deepspeed_path]["name"]]["configMap"]["name"] == "ft-deepspeed"  # type: ignore[index]
+            has_shm = "/dev/shm" in mounts
+            assert has_shm == (target != "rayjob")  # KubeRay adds its own /dev/shm
+            if has_shm:
+                assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"] == {"medium": "Memory"}
+    pytorch = render_checked(p, "pytorchjob", _options())[-1]
+    for replica in pytorch["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 4}}
+    ray = render_checked(p, "rayjob", _options())[-1]["spec"]["rayClusterSpec"]
+    assert ray["headGroupSpec"]["rayStartParams"] == {"num-gpus": "0"}
+    assert "resources" not in ray["headGroupSpec"]["template"]["spec"]["containers"][0]
+    train = render_checked(p, "trainjob", _options())[-1]["spec"]["trainer"]
+    assert train["resourcesPerNode"] == {"limits": {"nvidia.com/gpu": 4}}
+
+
+def test_a_changed_config_changes_every_hash() -> None:
+    a = plan_example("zero3-gpu", 2, 4)
+    b = plan(
+        parse_config({"deepspeed": "zero3", "bf16": True, "gradient_accumulation_steps": 4}), Hardware(2, 4)
+    )
+    for target in JOBS:
+        old, new = render_checked(a, target, _options()), render_checked(b, target, _options())
+        assert [o["metadata"]["name"] for o in old] == [o["metadata"]["name"] for o in new]
+        assert _pod_templates(old[-1])[0]["metadata"] != _pod_templates(new[-1])[0]["metadata"]
+
+
+def test_passthrough_and_labels(validator: Validator) -> None:
+    tolerations = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
+    opts = _options(
+        namespace="ml",
+        service_account="trainer",
+        node_selector={"pool": "h100"},
+        tolerations=tolerations,
+        labels={"team": "nlp", "app.kubernetes.io/managed-by": "platform"},
+    )
+    for target in JOBS:
+        objects = render_checked(plan_example("fsdp2-gpu", 2, 4), target, opts)
+        validator.validate_all(objects)
+        for obj in objects:
+            meta = obj["metadata"]
+            assert meta["namespace"] == "ml"
+            assert meta["labels"]["team"] == "nlp"
+            assert meta["labels"]["app.kubernetes.io/instance"] == "ft"
+            assert meta["labels"]["app.kubernetes.io/managed-by"] == "platform"  # the caller's label wins
+        for template in _pod_templates(objects[-1]):
+            spec = template["spec"]
+            assert spec["serviceAccountName"] == "trainer"
+            assert spec["nodeSelector"] == {"pool": "h100"}
+            assert spec["tolerations"] == [dict(t) for t in tolerations]
+
+
+def test_pytorchjob_replicas_and_launch() -> None:
+    job = render_checked(plan_example("fsdp2-gpu", 3, 2), "pytorchjob", _options(nodes=3, gpus_per_node=2))[
+        -1
+    ]
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert (specs["Master"]["replicas"], specs["Worker"]["replicas"]) == (1, 2)
+    assert job["spec"]["nprocPerNode"] == "2"
+    command = specs["Worker"]["template"]["spec"]["containers"][0]["command"]
+    assert command == [
+        "optimenv-bootstrap",
+        "--spec",
+        "/etc/optimenv/spec.json",
+        "--",
+        "torchrun",
+        "--no-python",
+        "python",
+        "train.py",
+    ]
+    single = render_checked(
+        plan_example("fsdp2-gpu", 1, 8), "pytorchjob", _options(nodes=1, gpus_per_node=8)
+    )[-1]
+    assert list(single["spec"]["pytorchReplicaSpecs"]) == ["Master"]  # Worker replicas must be >= 1
+
+
+def test_trainjob_runtime_by_plan_and_patches() -> None:
+    fsdp = render_checked(plan_example("fsdp2-gpu", 2, 4), "trainjob", _options())[-1]["spec"]
+    zero3 = render_checked(plan_example("zero3-gpu", 2, 4), "trainjob", _options())[-1]["spec"]
+    assert fsdp["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+        "name": "torch-distributed",
+    }
+    assert zero3["runtimeRef"]["name"] == "deepspeed-distributed"
+    assert [
+        j["name"]
+        for j in fsdp["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    ] == ["node"]
+    assert [
+        j["name"]
+        for j in zero3["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    ] == ["launcher", "node"]
+    assert zero3["trainer"]["command"][:2] == ["sh", "-c"]
+    assert "mpirun -np 8 " in zero3["trainer"]["command"][2]
+    assert not any(e["name"].startswith("PET_") for e in fsdp["trainer"]["env"])
+    custom = render_checked(plan_example("zero3-gpu", 2, 4), "trainjob", _options(runtime="my-runtime"))[-1][
+        "spec"
+    ]
+    assert custom["runtimeRef"]["name"] == "my-runtime"
+    assert custom["trainer"]["command"][4] == "torchrun"
+
+
+def test_rayjob_sizing() -> None:
+    p = plan_example("fsdp2-gpu", 2, 4)
+    job = render_checked(p, "rayjob", _options())[-1]["spec"]
+    group = job["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert "--workers 8 " in job["entrypoint"]
+    assert "--workers 3 " in render_checked(p, "rayjob", _options(ray_workers=3))[-1]["spec"]["entrypoint"]
+    quoted = render_checked(p, "rayjob", _options(command=("python3", "train.py", "--name", "a b")))[-1][
+        "spec"
+    ]
+    assert quoted["entrypoint"].endswith("--workers 8 -- train.py --name 'a b'")
+    module = render_checked(p, "rayjob", _options(command=("python", "-m", "axolotl.cli.train", "cfg.yaml")))[
+        -1
+    ]["spec"]
+    assert module["entrypoint"].endswith("--workers 8 --module -- axolotl.cli.train cfg.yaml")
+
+
+def test_object_name() -> None:
+    assert object_name(_options(name="job"), "env") == "job-env"
+
+
+def test_deterministic() -> None:
+    p = plan_example("zero3-gpu", 2, 4)
+    for target in TARGETS:
+        assert json.dumps(render_checked(p, target, _options())) == json.dumps(
+            render_checked(p, target, _options())
+        )
+
+
+# ---- refusals: one line, naming the field --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("target", "overrides", "match"),
+    [
+        ("helmchart", {}, r"^target: unknown target 'helmchart' \(choose one of rayjob, pytorchjob"),
+        ("rayjob", {"name": "a" * 48}, r"^name: 'a{48}' is 48 characters; a rayjob name may have at most 47"),
+        ("pytorchjob", {"name": "a" * 55}, r"^name: .* at most 54"),
+        ("trainjob", {"name": "a" * 49}, r"^name: .* a trainjob name may have at most 44"),
+        ("trainjob", {"name": "Ft"}, r"^name: 'Ft' is not a DNS-1035 label"),
+        ("rayjob", {"name": "9lives"}, r"^name: '9lives' is not a DNS-1035 label"),
+        ("pytorchjob", {"name": "ft_job"}, r"^name: 'ft_job' is not a DNS-1035 label"),
+        ("configmaps", {"name": "a" * 64}, r"^name: .* at most 63"),
+        ("rayjob", {"image": None}, r"^image: is required for the rayjob target"),
+        ("pytorchjob", {"image": None}, r"^image: is required for the pytorchjob target"),
+        ("trainjob", {"command": ()}, r"^command: the training command is required"),
+        (
+            "pytorchjob",
+            {"command": ("torchrun", "train.py")},
+            r"^command: starts with the launcher 'torchrun'",
+        ),
+        (
+            "trainjob",
+            {"command": ("python", "-m", "accelerate.commands.launch")},
+            r"^command: starts with the launcher",
+        ),
+        (
+            "rayjob",
+            {"command": ("python", "-c", "print(1)")},
+            r"^command: Ray mode runs a Python script or module",
+        ),
+        ("rayjob", {"ray_workers": 9}, r"^ray_num_workers: 9 Ray Train workers need 9 GPUs"),
+    ],
+)
+def test_refusals(target: str, overrides: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as info:
+        render_checked(plan_example("zero3-gpu", 2, 4), target, _options(**overrides))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"namespace": "ML"}, r"^namespace: 'ML' is not a DNS-1123 label"),
+        ({"nodes": 0}, r"^nodes: must be a whole number >= 1"),
+        ({"gpus_per_node": True}, r"^gpus_per_node: must be a whole number"),
+        ({"labels": {"team": "a b"}}, r"^labels.team: 'a b' is not a valid label value"),
+        ({"node_selector": {"bad key!": "x"}}, r"^node_selector.bad key!: is not a valid label key"),
+        ({"spec_policy": "maybe"}, r"^spec_policy: must be one of plan-wins, user-wins"),
+        ({"service_account": "Trainer"}, r"^service_account: 'Trainer' is not a DNS-1123 subdomain"),
+        (
+            {"tolerations": ({"key": "a", "efect": "NoSchedule"},)},
+            r"^tolerations\[0\]: unknown field\(s\) efect",
+        ),
+        ({"tolerations": ("gpu",)}, r"^tolerations\[0\]: must be a mapping, got str"),
+        ({"command": "python train.py"}, r"^command: must be a list of arguments, not one string"),
+        ({"labels": ["team=a"]}, r"^labels: must be a mapping of strings, got list"),
+    ],
+)
+def test_bad_options(overrides: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _options(**overrides)
+
+
+def test_gpus_that_do_not_divide_the_parallel_sizes() -> None:
+    # Planned without hardware, the renderer still checks the job it is asked for.
+    p = plan(
+        parse_config(
+            {
+                "dp_shard_size": 2,
+                "dp_replicate_size": 2,
+                "bf16": True,
+                "fsdp_version": 2,
+                "fsdp_config": {"reshard_after_forward": True},
+            }
+        )
+    )
+    for target in JOBS:
+        with pytest.raises(
+            ConfigError,
+            match=r"^dp_shard_size: the parallelism sizes multiply to 4, which does not divide the 6 GPUs",
+        ):
+            render_checked(p, target, _options(nodes=2, gpus_per_node=3, ray_workers=None))
+        render_checked(p, target, _options(nodes=2, gpus_per_node=2))  # 4 divides 4
+
+
+def test_configmap_over_one_mebibyte() -> None:
+    big = {"zero_optimization": {"stage": 2}, "comment": "x" * (1024 * 1024)}
+    p = plan(parse_config({"deepspeed": big, "bf16": True}), Hardware(1, 1))
+    with pytest.raises(
+        ConfigError, match=r"^configmap ft-deepspeed: data is \d+ bytes, over the ConfigMap limit of 1 MiB"
+    ):
+        render_checked(p, "configmaps", _options())
+
+
+def test_a_plan_carrying_a_rendezvous_variable_is_refused() -> None:
+    p = plan_example("fsdp2-gpu", 2, 4)
+    forged = type(p)(**{**p.__dict__, "env": (*p.env, EnvVar("MASTER_ADDR", "x", "forged"))})
+    with pytest.raises(OptimEnvError, match="MASTER_ADDR is a rendezvous variable"):
+        render_checked(forged, "pytorchjob", _options())
