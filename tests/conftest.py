@@ -53,7 +53,10 @@ ray.shutdown()
 
 @pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
-    """A local Ray cluster with 2 CPUs for the whole session; its address (pass it as RAY_ADDRESS)."""
+    """A local Ray cluster with 2 CPUs for the whole session; its address (pass it as RAY_ADDRESS).
+
+    Drivers started by tests connect with ``RAY_AUTH_MODE=disabled`` (set above; children inherit it).
+    """
     # Short path under /tmp: Ray's socket paths must stay under the 107-character limit.
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     log = Path(temp, "head.log")

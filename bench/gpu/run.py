@@ -389,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
         model_dir = str(work / f"model-{args.model}-{args.seed}")
         train = TrainArgs(**{**train.__dict__, "model_dir": model_dir})
     order = schedule(scenarios, semantic, args.reps)
-    port = BASE_PORT
+    port = args.base_port
     launches = [
         build(name, path, rep, args.gpus, port + i, train, work, args.mount_root)
         for i, (name, path, rep) in enumerate(order)
@@ -412,9 +412,13 @@ def run(args: argparse.Namespace) -> int:
     )
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    semantic_left = len(semantic)
-    slowest = args.first_estimate_s
     failed_scenarios: set[str] = set()
+    # Seconds per launch, per scenario (the longest seen); before one ran, the longest of any.
+    seen: dict[str, float] = {}
+
+    def estimate(name: str) -> float:
+        return seen.get(name, max(seen.values(), default=args.first_estimate_s))
+
     if args.warm_launch and launches:  # one short launch first: file cache, CUDA and NCCL warm
         warm = build(order[0][0], "accelerate" if SCENARIOS[order[0][0]].accelerate else "optimenv", 0,
                      args.gpus, port + len(order), TrainArgs(**{**train.__dict__, "steps": 3, "warmup": 1}),
@@ -423,27 +427,31 @@ def run(args: argparse.Namespace) -> int:
         rec["warm_up"] = True
         meta["warm_up"] = {k: rec[k] for k in ("scenario", "path", "rc", "wall_s", "ok")}
         print(f"[run] warm-up {warm.path} rc={rec['rc']} {rec['wall_s']:.1f}s", file=sys.stderr)
+    paired = len(order) - len(semantic)  # the first `paired` launches come in A/B pairs
+    skip_partner = False
     for index, launch in enumerate(launches):
-        is_semantic = launch.scenario in semantic
+        is_semantic = index >= paired
         elapsed = time.time() - t_start
-        reserve = 0.0 if is_semantic else semantic_left * slowest
-        if not is_semantic and index % 2 == 0:
-            reserve += slowest  # start a pair only if both of its launches fit
+        why = None
         if launch.scenario in failed_scenarios:
-            skipped.append({"scenario": launch.scenario, "path": launch.path, "rep": launch.rep,
-                            "why": "an earlier launch of this scenario failed"})  # fmt: skip
-            continue
-        if elapsed + slowest + reserve > args.deadline_s:
-            skipped.append({"scenario": launch.scenario, "path": launch.path, "rep": launch.rep,
-                            "why": f"time budget: {elapsed:.0f}s used of {args.deadline_s}s"})  # fmt: skip
-            if is_semantic:
-                semantic_left -= 1
+            why = "an earlier launch of this scenario failed"
+        elif not is_semantic and index % 2 == 1 and skip_partner:
+            why = "its partner in the A/B pair was skipped"
+        else:
+            # A pair starts only if both launches fit, leaving room for the semantic runs.
+            need = estimate(launch.scenario) * (2 if not is_semantic and index % 2 == 0 else 1)
+            if not is_semantic:
+                need += sum(estimate(name) for name in semantic)
+            if elapsed + need > args.deadline_s:
+                why = f"time budget: {elapsed:.0f}s used of {args.deadline_s:.0f}s"
+        if not is_semantic and index % 2 == 0:
+            skip_partner = why is not None
+        if why is not None:
+            skipped.append({"scenario": launch.scenario, "path": launch.path, "rep": launch.rep, "why": why})
             continue
         rec = execute(launch, env, args.launch_timeout)
         results.append(rec)
-        slowest = max(slowest if results[:-1] else 0.0, rec["wall_s"])
-        if is_semantic:
-            semantic_left -= 1
+        seen[launch.scenario] = max(seen.get(launch.scenario, 0.0), rec["wall_s"])
         tok = rec["ranks"][0]["tokens_per_s"] if rec["ok"] else float("nan")
         print(
             f"[run] {launch.scenario} g{launch.gpus} {launch.path:10s} rep {launch.rep} rc={rec['rc']} "
@@ -771,6 +779,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--visible", help="CUDA_VISIBLE_DEVICES for every launch (e.g. 0 for 1 GPU of 2)")
+    p.add_argument("--base-port", type=int, default=BASE_PORT, help="first rendezvous port (one per launch)")
     p.add_argument("--work", default="/tmp/gpu-bench")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu-bench-out"))
     p.add_argument("--mount-root", default="/", help="where the pod's ConfigMap mounts go (tests: a tmp dir)")

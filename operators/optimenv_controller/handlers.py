@@ -44,7 +44,9 @@ class Controller:
         self.metrics = metrics or Metrics()
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 
-    async def reconcile(self, obj: Mapping[str, Any] | None = None, *, key: tuple[str, str] | None = None) -> None:
+    async def reconcile(
+        self, obj: Mapping[str, Any] | None = None, *, key: tuple[str, str] | None = None
+    ) -> None:
         """Bring the children and status of one OptimEnv in line; ``obj`` or ``key`` (then read)."""
         if obj is not None:
             key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
@@ -60,7 +62,7 @@ class Controller:
                         return
                 result = await self._reconcile(obj)
         except KubeError as exc:
-            self.metrics.errors.labels(reason=str(exc.status or "timeout")).inc()
+            self.metrics.errors.labels(reason=str(exc.status) if exc.status else "network").inc()
             raise
         finally:
             self.metrics.reconciles.labels(result=result).inc()
@@ -114,7 +116,9 @@ class Controller:
             except ApiFailure as exc:
                 logger.error("%s/%s: %s", *key, exc)
                 return
-        logger.error("%s/%s: giving up after %d attempts; the next change or restart retries", *key, EVENT_ATTEMPTS)
+        logger.error(
+            "%s/%s: giving up after %d attempts; the next change or restart retries", *key, EVENT_ATTEMPTS
+        )
 
 
 def make_settings() -> kopf.OperatorSettings:
@@ -138,11 +142,13 @@ def build_registry(controller: Controller, *, login_url: str | None = None) -> k
     """A kopf registry wired to ``controller``; ``login_url``: an unauthenticated API server (tests)."""
     registry = kopf.OperatorRegistry()
 
-    if login_url is not None:
-
-        @kopf.on.login(registry=registry)
-        def login(**_: Any) -> kopf.ConnectionInfo:
+    @kopf.on.login(id="login", registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        if login_url is not None:
             return kopf.ConnectionInfo(server=login_url, insecure=True)
+        # The same sources, in the same order, as lightkube's KubeConfig.from_env() in kube.py.
+        info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        return info if isinstance(info, kopf.ConnectionInfo) else None
 
     @kopf.on.cleanup(id="close_client", registry=registry)
     async def close_client(**_: Any) -> None:
@@ -150,7 +156,9 @@ def build_registry(controller: Controller, *, login_url: str | None = None) -> k
         await controller.kube.close()
 
     @kopf.index(GROUP, VERSION, PLURAL, id="configmaps_of", registry=registry)
-    def configmaps_of(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], str]:
+    def configmaps_of(
+        namespace: str | None, name: str, body: kopf.Body, **_: Any
+    ) -> dict[tuple[str | None, str], str]:
         """(namespace, ConfigMap name) → OptimEnv names: the referenced one and the owned ones."""
         names = [*rc.child_configmap_names(name)]
         ref = rc.config_map_ref(body)
@@ -171,10 +179,15 @@ def build_registry(controller: Controller, *, login_url: str | None = None) -> k
 
     @kopf.on.event("", "v1", "configmaps", id="configmap_event", registry=registry)
     async def configmap_event(
-        type: str | None, namespace: str, name: str, body: kopf.Body, configmaps_of: kopf.Index[Any, str], **_: Any
+        type: str,
+        namespace: str | None,
+        name: str,
+        body: kopf.Body,
+        **kwargs: Any,
     ) -> None:
+        configmaps_of: kopf.Index[tuple[str, str], str] = kwargs["configmaps_of"]  # kopf injects indexes
         # type None is the initial listing: resume handlers already reconcile every OptimEnv then.
-        if type is None or (namespace, name) not in configmaps_of:
+        if not type or namespace is None or (namespace, name) not in configmaps_of:
             return
         if type != "DELETED" and rc.child_intact(body):
             return  # one of ours, exactly as rendered: the echo of our own apply, nothing to undo

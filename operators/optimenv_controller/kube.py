@@ -15,7 +15,8 @@ from typing import Any
 
 import httpx2
 from lightkube import AsyncClient, KubeConfig
-from lightkube.config.kubeconfig import Cluster, User
+from lightkube.config.models import Cluster, User
+from lightkube.core.exceptions import ConfigError as LightkubeConfigError
 from lightkube.generic_resource import GenericNamespacedResource, create_namespaced_resource
 from lightkube.models.core_v1 import EventSource, ObjectReference
 from lightkube.models.meta_v1 import ObjectMeta
@@ -27,7 +28,10 @@ from optimenv.resource import GROUP, KIND, PLURAL, VERSION
 from optimenv_controller.reconcile import FIELD_MANAGER
 
 OptimEnvResource = create_namespaced_resource(GROUP, VERSION, KIND, PLURAL)
-_RESOURCES: dict[tuple[str, str], Any] = {("v1", "ConfigMap"): ConfigMap, (f"{GROUP}/{VERSION}", KIND): OptimEnvResource}
+_RESOURCES: dict[tuple[str, str], Any] = {
+    ("v1", "ConfigMap"): ConfigMap,
+    (f"{GROUP}/{VERSION}", KIND): OptimEnvResource,
+}
 _RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
 
 
@@ -62,7 +66,7 @@ def _resource(api_version: str, kind: str) -> Any:
 
 def _to_dict(obj: Any) -> dict[str, Any]:
     if isinstance(obj, GenericNamespacedResource):
-        return dict(obj.to_dict())
+        return dict(obj.to_dict())  # type: ignore[no-untyped-call]
     data: dict[str, Any] = obj.to_dict()
     return data
 
@@ -105,7 +109,13 @@ class Kube:
     @classmethod
     def from_environment(cls, *, timeout: float = 30.0) -> Kube:
         """In-cluster service account when there is one, else ``KUBECONFIG`` / ``~/.kube/config``."""
-        return cls(AsyncClient(KubeConfig.from_env(), timeout=httpx2.Timeout(timeout), field_manager=FIELD_MANAGER))
+        try:
+            config = KubeConfig.from_env()
+        except (LightkubeConfigError, OSError) as exc:
+            raise ApiFailure(
+                f"no Kubernetes credentials: {exc} (run in a pod with a service account, or set KUBECONFIG)"
+            ) from None
+        return cls(AsyncClient(config, timeout=httpx2.Timeout(timeout), field_manager=FIELD_MANAGER))
 
     @classmethod
     def for_server(cls, url: str, *, token: str = "x", timeout: float = 30.0) -> Kube:
@@ -185,6 +195,6 @@ class Kube:
             count=1,
         )
         try:
-            await self._client.create(event, namespace=meta["namespace"])
+            await self._client.create(event)
         except httpx2.HTTPError as exc:
             raise translate(exc, f"create Event for {KIND} {meta['namespace']}/{meta['name']}") from exc

@@ -14,7 +14,7 @@ import click
 import kopf
 
 from optimenv_controller.handlers import Controller, build_registry, make_settings
-from optimenv_controller.kube import Kube
+from optimenv_controller.kube import Kube, KubeError
 from optimenv_controller.metrics import Metrics, configure_logging
 
 
@@ -29,7 +29,10 @@ async def run(
     metrics = Metrics()
     if metrics_port:
         metrics.serve(metrics_port)
-    kube = Kube.from_environment()
+    try:
+        kube = Kube.from_environment()
+    except KubeError as exc:
+        raise click.ClickException(str(exc)) from None
     controller = Controller(kube, metrics)
     registry = build_registry(controller)
     stop = asyncio.Event()
@@ -47,6 +50,8 @@ async def run(
             liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
             stop_flag=stop,
         )
+    except Exception as exc:  # kopf gives up only on fatal errors (no credentials, no API server)
+        raise click.ClickException(f"controller stopped: {type(exc).__name__}: {exc}") from exc
     finally:
         await kube.close()
 
@@ -61,7 +66,11 @@ async def run(
 )
 @click.option("-A", "--all-namespaces", is_flag=True, help="Watch all namespaces (the default).")
 @click.option(
-    "--metrics-port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="/metrics port; 0 = off."
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="/metrics port; 0 = off.",
 )
 @click.option(
     "--health-port",

@@ -137,7 +137,8 @@ def _config_data(spec: OptimEnvSpec, referenced: Mapping[str, Any] | None) -> di
         text = (body.get("data") or {}).get(ref.key)
         if text is None:
             return Invalid(
-                "ConfigMapKeyNotFound", f"spec.configMapRef.key: ConfigMap {ref.name!r} has no key {ref.key!r}"
+                "ConfigMapKeyNotFound",
+                f"spec.configMapRef.key: ConfigMap {ref.name!r} has no key {ref.key!r}",
             )
         data = parse_yaml(text)
     if not isinstance(data, dict):
@@ -162,12 +163,12 @@ def _render(obj: Mapping[str, Any], spec: OptimEnvSpec, result: Plan) -> Desired
         name=name,
         namespace=namespace,
         image=job.image if job else None,
-        command=list(job.command) if job else [],
+        command=tuple(job.command) if job else (),
         nodes=spec.topology.nodes,
         gpus_per_node=spec.topology.gpusPerNode,
         service_account=job.serviceAccount if job else None,
         node_selector=dict(job.nodeSelector) if job else {},
-        tolerations=list(job.tolerations) if job else [],
+        tolerations=tuple(job.tolerations) if job else (),
         labels={**(job.labels if job else {}), **labels},
         runtime=job.runtime if job else None,
         spec_policy=spec.policy,
@@ -184,7 +185,9 @@ def _render(obj: Mapping[str, Any], spec: OptimEnvSpec, result: Plan) -> Desired
         annotations = child_meta.setdefault("annotations", {})
         if CONTENT_HASH_ANNOTATION not in annotations:
             # Jobs get defaulted by the API server and webhooks: compare our hash, not their spec.
-            annotations[CONTENT_HASH_ANNOTATION] = content_hash({k: v for k, v in body.items() if k != "status"})
+            annotations[CONTENT_HASH_ANNOTATION] = content_hash(
+                {k: v for k, v in body.items() if k != "status"}
+            )
         child_meta["ownerReferences"] = [owner]
         children.append(body)
         if body["kind"] == "ConfigMap":
@@ -249,14 +252,17 @@ def decide(
 
     if isinstance(want, Invalid):
         valid = ("False", want.reason, want.message)
-        ready = ("False", want.reason, "keeping the last good children: " + want.message)
+        kept = "keeping the last good children: " if summary else "nothing applied: "
+        ready = ("False", want.reason, kept + want.message)
     else:
         valid = ("True", "Planned", "the config plans cleanly")
         summary = want.summary
         for body in want.children:
             have = observed.get(child_key(body))
             if have is not None and not owned_by(have, obj):
-                conflict = f"{body['kind']} {body['metadata']['name']!r} exists and is not owned by this OptimEnv"
+                conflict = (
+                    f"{body['kind']} {body['metadata']['name']!r} exists and is not owned by this OptimEnv"
+                )
                 break
             if have is None:
                 applies.append(Apply(body, force=False, verb="Created"))
@@ -280,10 +286,14 @@ def decide(
         if done:
             events.append(Event("Normal", verb, f"{verb.lower()} " + ", ".join(done)))
     old_valid = _find(old_status, "Valid")
-    if valid[0] == "False" and (old_valid is None or (old_valid.get("status"), old_valid.get("message")) != (
-        valid[0],
-        valid[2],
-    )):
+    if valid[0] == "False" and (
+        old_valid is None
+        or (old_valid.get("status"), old_valid.get("message"))
+        != (
+            valid[0],
+            valid[2],
+        )
+    ):
         events.append(Event("Warning", "Invalid", valid[2]))
     old_ready = _find(old_status, "Ready")
     if conflict is not None and (old_ready is None or old_ready.get("reason") != "NameConflict"):
@@ -330,4 +340,3 @@ def _comparable(status: Mapping[str, Any]) -> Any:
             key=lambda c: str(c.get("type")),
         ),
     }
-

@@ -35,21 +35,6 @@ class Timings:
     total_s: float | None = None
 
 
-def local_hardware(workers: int) -> tuple[Hardware, bool]:
-    """What this machine is: GPUs if there are enough for ``workers``, else CPU workers."""
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    use_gpu = gpus >= workers
-    if use_gpu:
-        bf16: bool | None = bool(torch.cuda.is_bf16_supported())
-        major, minor = torch.cuda.get_device_capability(0)
-        fp8: bool | None = (major, minor) >= (8, 9)
-    else:
-        bf16 = fp8 = None  # CPU workers: left to the bootstrap (it resolves bf16 "auto" to "no")
-    return Hardware(1, workers, bf16, fp8, torch.__version__.split("+")[0]), use_gpu
-
-
 def requested_setup(result: Plan) -> dict[str, Any]:
     """What the plan asks Accelerate for, in the words of Accelerate's state."""
     env = result.env_dict
@@ -169,7 +154,9 @@ def run_command(
     if script_args and not Path(script_args[0]).is_file():
         raise OptimEnvError(f"script: {script_args[0]}: no such file")
     timings = Timings()
-    hardware, use_gpu = local_hardware(workers)
+    # One node, one process per worker. Whether the GPUs do bf16/fp8 and which torch the workers
+    # have is left to the bootstrap in each worker (the driver imports no torch: it starts faster).
+    hardware = Hardware(nodes=1, gpus_per_node=workers)
     with tempfile.TemporaryDirectory(prefix="optimenv-run-") as tmp:
         result = plan(cfg, hardware, deepspeed_path=str(Path(tmp) / "deepspeed.json"))
         for warning in result.warnings:
@@ -184,7 +171,7 @@ def run_command(
                 ["--steps", str(steps or 3), "--micro-batch-size", mbs],
                 True,
             )
-        reports = _launch(spec, target, args, module, workers, use_gpu, timings, steps or 3)
+        reports, use_gpu = _launch(spec, target, args, module, workers, timings, steps or 3)
     timings.total_s = time.perf_counter() - timings.started
     report = build_report(result, reports, timings, use_gpu)
     if output == "json":
@@ -199,10 +186,9 @@ def _launch(
     args: list[str],
     module: bool,
     workers: int,
-    use_gpu: bool,
     timings: Timings,
     steps: int,
-) -> list[Any]:
+) -> tuple[list[Any], bool]:
     # Keep a local cluster on loopback and quiet; a user's own settings win.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -222,6 +208,10 @@ def _launch(
     )
     try:
         timings.cluster_s = time.perf_counter() - timings.started
+        gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = gpus >= workers
+        if 0 < gpus < workers:
+            click.echo(f"warning: {gpus:g} GPU(s) for {workers} workers: training on CPU workers", err=True)
         bar = tqdm(total=steps if module else None, desc="training", unit="step", file=sys.stderr)
 
         def on_report(record: MetricsRecord) -> None:
@@ -275,6 +265,6 @@ def _launch(
         if error is not None:
             raise error
         reports: list[Any] = outcome["reports"]
-        return reports
+        return reports, use_gpu
     finally:
         ray.shutdown()

@@ -4,8 +4,9 @@
 
 Needs only torch and accelerate (no pydantic: the spec is built from a Plan directly). Prints one
 JSON document: exec mode's child environment and in-process decisions, with all GPUs visible and
-with one. Not collected by pytest (the CI machine has no GPU); results are quoted in
-docs/bootstrap.md.
+with one. Not collected by pytest (the CI machine has no GPU). Expected on a 2 x H100 host:
+bf16 and INDUCTOR set, fp8 accepted (compute capability 9.0), P2P supported (nothing set); with one
+GPU visible, the single-GPU rendezvous defaults set.
 """
 
 from __future__ import annotations

@@ -159,6 +159,14 @@ def test_unknown_deferred_kind_is_refused(make_spec: MakeSpec) -> None:
         apply(_rehash(doc), environ={})
 
 
+def test_deferred_step_without_its_detail_is_refused(make_spec: MakeSpec) -> None:
+    doc = copy.deepcopy(make_spec(ZERO2_COMPILE).doc)
+    step = next(d for d in doc["deferred"] if d["kind"] == "bf16_auto")
+    del step["detail"]["otherwise"]
+    with pytest.raises(SpecError, match=r"spec.deferred\[\d\].detail: bf16_auto needs 'otherwise'"):
+        apply(_rehash(doc), environ={})
+
+
 def test_refusals_are_optimenv_errors(make_spec: MakeSpec) -> None:
     doc = copy.deepcopy(make_spec(FSDP2).doc)
     doc["policy"] = "whoever"

@@ -144,6 +144,8 @@ def test_spec_from_optimenv_spec_variable(make_spec: MakeSpec) -> None:
 
 
 def test_missing_spec(tmp_path: Path) -> None:
+    if Path("/etc/optimenv/spec.json").exists():
+        pytest.skip("this machine has a spec at the default location")
     line = _one_error_line(bootstrap("--", *PRINT_ENV))
     assert "no worker spec at /etc/optimenv/spec.json (from the default location)" in line
     line = _one_error_line(

@@ -67,6 +67,7 @@ def _launch(tmp_path: Path, spec: Path, env: dict[str, str], *script_args: str) 
             str(tmp_path / "ray_results"),
             "--report",
             str(report),
+            "--progress",
             "--",
             str(script),
             *script_args,
@@ -121,6 +122,11 @@ def test_each_worker_applies_the_plan_before_accelerate(
         assert all(m["rank"] == w["rank"] and isinstance(m["metrics"]["loss"], float) for m in w["metrics"])
         assert all(m["metrics"]["zero3"] is True for m in w["metrics"])
     assert "worker 1: ok, 7 variables set, accelerate MULTI_CPU, 3 reports" in result.stderr
+    # --progress: every report() reached the driver while the run went on, once.
+    for w in workers:
+        for m in w["metrics"]:
+            line = f"worker {w['rank']} step {m['step']}: loss={m['metrics']['loss']} zero3=True"
+            assert result.stderr.count(line) == 1
 
 
 def test_a_failing_worker_surfaces_with_its_traceback_and_exit_code(
@@ -136,3 +142,15 @@ def test_a_failing_worker_surfaces_with_its_traceback_and_exit_code(
     failed = report["workers"][1]
     assert failed["exitCode"] == 3 and failed["error"].endswith("the script exited with 3")
     assert failed["metrics"] == [] and failed["applied"]["assigned"]  # applied, then the script failed
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_spec_is_refused_before_ray_starts(make_spec: MakeSpec, tmp_path: Path) -> None:
+    files = make_spec(FSDP2)
+    files.spec.write_text(files.spec.read_text().replace('"FSDP_VERSION"', '"FSDP_VERSIO"'))
+    script = tmp_path / "train.py"
+    script.write_text("raise SystemExit(9)\n")
+    result = run([str(BIN / "optimenv"), "ray-launch", "--spec", str(files.spec), "--", str(script)])
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: spec: content hash mismatch")

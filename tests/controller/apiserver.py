@@ -129,13 +129,24 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
 
     def _key(self, request: rendering.Request, data: dict[str, Any] | None = None) -> Any:
         meta = (data or {}).get("metadata", {})
-        return (request.resource, request.namespace or meta.get("namespace"), request.name or meta.get("name"))
+        return (
+            request.resource,
+            request.namespace or meta.get("namespace"),
+            request.name or meta.get("name"),
+        )
 
     def _live(self, key: Any) -> k8s_dicts.Object | None:
         if key in self.objects and not self.objects[key].deleted:
             obj: k8s_dicts.Object = self.objects[key]
             return obj
         return None
+
+    async def _serve_fetch(self, request: rendering.Request) -> Any:
+        # A keyed lookup: kmock's own fetch scans every stored object (slow with thousands).
+        live = self._live((request.resource, request.namespace, request.name))
+        if live is None:
+            raise kmock.KubernetesObjectNotFoundError()
+        return live.raw
 
     async def _serve_create(self, request: rendering.Request) -> Any:
         data = copy.deepcopy(request.data)
@@ -199,7 +210,9 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
         return raw
 
 
-def scripted(pred: Callable[[rendering.Request], bool], times: int = 1) -> Callable[[rendering.Request], bool]:
+def scripted(
+    pred: Callable[[rendering.Request], bool], times: int = 1
+) -> Callable[[rendering.Request], bool]:
     """A kmock criterion matching the first ``times`` requests for which ``pred`` holds."""
     matched: set[int] = set()
 

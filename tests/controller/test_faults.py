@@ -54,7 +54,12 @@ async def test_conflict_409_on_apply_is_retried(kmock: ApiServer) -> None:
 
 async def test_throttled_429_status_write_waits_for_retry_after(kmock: ApiServer) -> None:
     path = f"{OE_PATH}/demo/status"
-    kmock[scripted(patch_of(path))] << 429 << {"Retry-After": "1"} << status_body(429, "TooManyRequests", "slow down")
+    (
+        kmock[scripted(patch_of(path))]
+        << 429
+        << {"Retry-After": "1"}
+        << status_body(429, "TooManyRequests", "slow down")
+    )
     await _converges(kmock)
     first, second = status_writes(kmock.writes())
     gap = _seconds_between(kmock, first, second)

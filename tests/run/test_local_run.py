@@ -43,7 +43,7 @@ def test_two_cpu_workers_train_with_the_plan_applied(repo: Path) -> None:
     report = json.loads(proc.stdout)  # stdout is data only
     workers = report["workers"]
     assert [w["rank"] for w in workers] == [0, 1]
-    planned = plan(load_config(config), Hardware(1, 2, None, None, "2.13.0")).env_dict
+    planned = plan(load_config(config), Hardware(nodes=1, gpus_per_node=2)).env_dict
     for worker in workers:
         assert {k: worker["applied"].get(k) for k in planned} == planned
         # bf16: auto is decided on the worker; a CPU worker has no bf16 GPU.

@@ -240,8 +240,11 @@ def apply_spec(
 
     decisions: list[Decision] = []
     zero3: object | None = None
-    for step in deferred:
-        decision, more = _decide(step, environ, ds_path=ds_path, in_process=in_process)
+    for i, step in enumerate(deferred):
+        try:
+            decision, more = _decide(step, environ, ds_path=ds_path, in_process=in_process)
+        except KeyError as exc:
+            raise SpecError(f"spec.deferred[{i}].detail: {step['kind']} needs {exc.args[0]!r}") from None
         if step["kind"] == "deepspeed_zero3_config" and in_process and ds_path is not None:
             zero3 = _zero3_config(ds_path)
         decisions.append(decision)

@@ -35,6 +35,7 @@ import click
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
     help="Write every worker's report (rank, applied variables, Accelerate state, metrics) as JSON.",
 )
+@click.option("--progress", is_flag=True, help="Print every report() of the script on stderr as it arrives.")
 @click.argument("script")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def ray_launch_command(
@@ -46,6 +47,7 @@ def ray_launch_command(
     storage_path: str | None,
     name: str | None,
     report_path: Path | None,
+    progress: bool,
     script: str,
     args: tuple[str, ...],
 ) -> None:
@@ -54,7 +56,11 @@ def ray_launch_command(
     Exit status: 0 when every worker succeeded; else the failing script's exit code (1 for an
     exception or a refusal), with each failing worker's traceback on stderr.
     """
-    from optimenv.bootstrap.ray import LaunchError, launch, reports_json
+    from optimenv.bootstrap.ray import LaunchError, MetricsRecord, launch, reports_json
+
+    def show(record: MetricsRecord) -> None:
+        values = " ".join(f"{key}={value}" for key, value in record.metrics.items())
+        click.echo(f"worker {record.rank} step {record.step}: {values}", err=True)
 
     try:
         reports = launch(
@@ -67,6 +73,7 @@ def ray_launch_command(
             address=address,
             storage_path=storage_path,
             name=name,
+            on_report=show if progress else None,
         )
     except LaunchError as exc:
         if report_path is not None:

@@ -1,0 +1,122 @@
+"""The pure decisions (no server), the command line, and the metrics endpoint."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import urllib.request
+from typing import Any
+
+from click.testing import CliRunner
+
+from optimenv.cli import cli
+from optimenv_controller import reconcile as rc
+from optimenv_controller.metrics import Metrics
+from tests.controller.conftest import optimenv
+
+
+def _obj(**spec: Any) -> dict[str, Any]:
+    body = optimenv(**spec)
+    body["metadata"].update(uid="uid-1", generation=1)
+    return body
+
+
+def _converged(obj: dict[str, Any]) -> tuple[dict[str, Any], rc.Desired, dict[rc.ChildKey, Any]]:
+    want = rc.desired(obj)
+    assert isinstance(want, rc.Desired)
+    first = rc.decide(obj, want, {rc.child_key(c): None for c in want.children}, "2026-01-01T00:00:00Z")
+    assert first.status is not None
+    obj = {**obj, "status": first.status}
+    return obj, want, {rc.child_key(c): copy.deepcopy(c) for c in want.children}
+
+
+def test_nothing_changed_means_no_writes_no_status_no_events() -> None:
+    obj, want, observed = _converged(_obj())
+    outcome = rc.decide(obj, want, observed, "2026-01-02T00:00:00Z")
+    assert outcome == rc.Outcome()
+
+
+def test_hand_edited_child_is_updated_with_force_and_transition_time_kept() -> None:
+    obj, want, observed = _converged(_obj())
+    env = next(k for k in observed if k[2] == "demo-env")
+    observed[env]["data"]["ACCELERATE_MIXED_PRECISION"] = "fp16"
+    assert not rc.child_intact(observed[env])
+    outcome = rc.decide(obj, want, observed, "2026-01-02T00:00:00Z")
+    assert [(a.body["metadata"]["name"], a.force, a.verb) for a in outcome.applies] == [
+        ("demo-env", True, "Updated")
+    ]
+    assert outcome.status is None  # Ready stays True: no status write, no moved timestamp
+
+
+def test_flip_moves_last_transition_time_only_for_the_flipped_condition() -> None:
+    obj, _, _ = _converged(_obj())
+    broken = copy.deepcopy(obj)
+    broken["spec"]["config"]["bf16"] = "maybe"
+    broken["metadata"]["generation"] = 2
+    outcome = rc.decide(broken, rc.desired(broken), {}, "2026-01-03T00:00:00Z")
+    assert outcome.status is not None and outcome.applies == ()
+    conds = {c["type"]: c for c in outcome.status["conditions"]}
+    assert conds["Valid"]["status"] == "False" and conds["Valid"]["message"].startswith("spec.config.bf16")
+    assert conds["Valid"]["lastTransitionTime"] == "2026-01-03T00:00:00Z"
+    assert all(c["observedGeneration"] == 2 for c in conds.values())
+    assert outcome.status["plan"] == obj["status"]["plan"]  # the last good plan is kept
+    assert [e.reason for e in outcome.events] == ["Invalid"]
+
+
+def test_a_child_owned_by_another_uid_is_a_conflict() -> None:
+    obj, want, observed = _converged(_obj())
+    spec = next(k for k in observed if k[2] == "demo-spec")
+    observed[spec]["metadata"]["ownerReferences"][0]["uid"] = "uid-of-a-deleted-namesake"
+    outcome = rc.decide(obj, want, observed, "2026-01-02T00:00:00Z")
+    assert outcome.applies == () and outcome.conflict and "demo-spec" in outcome.conflict
+
+
+def test_config_map_ref_missing_or_without_key_is_invalid() -> None:
+    obj = _obj(spec={"configMapRef": {"name": "cfg", "key": "train.yaml"}})
+    missing = rc.desired(obj, None)
+    assert missing == rc.Invalid("ConfigMapNotFound", "spec.configMapRef: ConfigMap 'cfg' not found")
+    no_key = rc.desired(obj, {"metadata": {"name": "cfg"}, "data": {"config.yaml": "base_model: m"}})
+    assert isinstance(no_key, rc.Invalid) and no_key.reason == "ConfigMapKeyNotFound"
+    bad = rc.desired(obj, {"metadata": {"name": "cfg"}, "data": {"train.yaml": "fsdp_version: [\n"}})
+    assert isinstance(bad, rc.Invalid) and bad.message.startswith(
+        "ConfigMap cfg key train.yaml: config: not valid YAML"
+    )
+
+
+def test_deepspeed_file_paths_are_refused_the_controller_reads_no_local_files() -> None:
+    obj = _obj()
+    obj["spec"]["config"]["deepspeed"] = "/etc/passwd"
+    want = rc.desired(obj)
+    assert isinstance(want, rc.Invalid)
+    assert want.message.startswith("spec.config.deepspeed: '/etc/passwd' is a file path")
+
+
+def test_child_names_follow_the_renderers() -> None:
+    want = rc.desired(_obj())
+    assert isinstance(want, rc.Desired)
+    assert {c["metadata"]["name"] for c in want.children} == set(rc.child_configmap_names("demo"))
+
+
+def test_controller_command_options() -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli, ["controller", "--help"])
+    assert result.exit_code == 0
+    assert "--all-namespaces" in result.output and "--metrics-port" in result.output
+    clash = runner.invoke(cli, ["controller", "-n", "ml", "--all-namespaces"])
+    assert clash.exit_code == 2 and "exclude each other" in clash.output
+
+
+def test_metrics_endpoint_serves_the_counters() -> None:
+    metrics = Metrics()
+    metrics.reconciles.labels(result="synced").inc()
+    metrics.errors.labels(reason="429").inc()
+    metrics.duration.observe(0.02)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    metrics.serve(port, addr="127.0.0.1")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'optimenv_reconciles_total{result="synced"} 1.0' in text
+    assert 'optimenv_reconcile_errors_total{reason="429"} 1.0' in text
+    assert "optimenv_reconcile_duration_seconds_count 1.0" in text
