@@ -132,6 +132,8 @@ def make_settings() -> kopf.OperatorSettings:
     # kopf would post an Event per handler log line; the controller posts its own, meaningful ones.
     settings.posting.enabled = False
     settings.peering.standalone = True
+    # The CRD is installed by the chart: no need to watch CustomResourceDefinitions (no RBAC for it).
+    settings.scanning.disabled = True
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.enforce_retry_after = True

@@ -119,6 +119,11 @@ def report_text(report: dict[str, Any]) -> str:
         for note in w["differences"]:
             lines.append(f"  NOTE       {note}")
         lines.append(f"  applied    {len(w['applied'])} variables from the plan")
+        for d in w["decisions"]:
+            value = (
+                f"{d['variable']}={d['value']}" if d.get("variable") and d.get("value") is not None else "-"
+            )
+            lines.append(f"  decided    {d['kind']}: {value} ({d['reason']})")
         lines.append(f"  losses     {losses}")
     lines.append(
         "timings: cluster start {}, first step {}, total {}".format(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -30,9 +32,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 @pytest.mark.timeout(300)
 def test_two_cpu_workers_train_with_the_plan_applied(repo: Path) -> None:
-    config = repo / "examples" / "fsdp2-cpu.yaml"
+    # README's main command, as written there (2 workers, 3 steps by default), with a JSON report.
+    readme = (repo / "README.md").read_text()
+    command = re.search(r"&& \.venv/bin/optimenv (run [^\n`]+)", readme)
+    assert command, "README.md lost its main command"
+    args = shlex.split(command.group(1))
+    config = repo / args[1]
     proc = subprocess.run(
-        [*OPTIMENV, "run", str(config), "--workers", "2", "--steps", "3", "-o", "json"],
+        [*OPTIMENV, *args, "-o", "json"],
         capture_output=True,
         text=True,
         env=_env(),
