@@ -22,6 +22,7 @@ Raw results go to ``OUT/results.json`` (every launch, every rank), the checks an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -132,10 +133,23 @@ class TrainArgs:
 
     def argv(self, out_dir: str, label: str) -> list[str]:
         argv = [
-            "--model", self.model, "--steps", str(self.steps), "--warmup", str(self.warmup),
-            "--micro-batch", str(self.micro_batch), "--seq-len", str(self.seq_len),
-            "--seed", str(self.seed), "--out-dir", out_dir, "--label", label,
-        ]  # fmt: skip
+            "--model",
+            self.model,
+            "--steps",
+            str(self.steps),
+            "--warmup",
+            str(self.warmup),
+            "--micro-batch",
+            str(self.micro_batch),
+            "--seq-len",
+            str(self.seq_len),
+            "--seed",
+            str(self.seed),
+            "--out-dir",
+            out_dir,
+            "--label",
+            label,
+        ]
         if self.model_dir:
             argv += ["--model-dir", self.model_dir]
         return argv
@@ -257,6 +271,8 @@ def build(
     scenario = SCENARIOS[name]
     if gpus not in scenario.gpus:
         raise ValueError(f"{name} is defined for {scenario.gpus} GPUs, not {gpus}")
+    if not scenario.needs_model_dir:  # the other layouts build the model from its config
+        train = TrainArgs(**{**train.__dict__, "model_dir": None})
     if path == "optimenv":
         return optimenv_launch(scenario, gpus, rep, port, train, work, mount_root)
     return accelerate_launch(scenario, gpus, rep, port, train, work)
@@ -318,17 +334,13 @@ def kill_tree(proc: subprocess.Popen[bytes]) -> None:
         import psutil
 
         family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except Exception:
+    except Exception:  # psutil missing, or the launcher already gone
         family = []
     for p in family:
-        try:
+        with contextlib.suppress(Exception):  # already exited
             p.send_signal(signal.SIGKILL)
-        except Exception:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 
@@ -345,10 +357,15 @@ def machine_info() -> dict[str, Any]:
     info["versions"] = versions
     try:
         smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version,clocks.max.sm",
-             "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+            [
+                "nvidia-smi",
+                "--query-gpu=index,name,memory.total,driver_version,clocks.max.sm",
+                "--format=csv,noheader",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         info["nvidia_smi"] = smi.stdout.strip().splitlines()
         topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30)
         info["nvidia_topo"] = topo.stdout.strip()
@@ -364,9 +381,9 @@ def save_model(train: TrainArgs, model_dir: str, env: dict[str, str]) -> None:
         return
     code = (
         "import sys; sys.path.insert(0, 'bench/gpu'); import train, torch; "
-        "from transformers import AutoModelForCausalLM; torch.manual_seed(%d); "
-        "AutoModelForCausalLM.from_config(train.llama_config(%r)).save_pretrained(%r)"
-    ) % (train.seed, train.model, model_dir)
+        f"from transformers import AutoModelForCausalLM; torch.manual_seed({train.seed}); "
+        f"AutoModelForCausalLM.from_config(train.llama_config({train.model!r})).save_pretrained({model_dir!r})"
+    )
     subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True, timeout=300)
 
 
@@ -382,9 +399,13 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = base_env(args.visible)
     train = TrainArgs(
-        model=args.model, steps=args.steps, warmup=args.warmup, micro_batch=args.micro_batch,
-        seq_len=args.seq_len, seed=args.seed,
-    )  # fmt: skip
+        model=args.model,
+        steps=args.steps,
+        warmup=args.warmup,
+        micro_batch=args.micro_batch,
+        seq_len=args.seq_len,
+        seed=args.seed,
+    )
     if any(SCENARIOS[s].needs_model_dir for s in scenarios):
         model_dir = str(work / f"model-{args.model}-{args.seed}")
         train = TrainArgs(**{**train.__dict__, "model_dir": model_dir})
@@ -405,11 +426,9 @@ def run(args: argparse.Namespace) -> int:
     if train.model_dir:
         save_model(train, train.model_dir, env)
 
-    meta = {"machine": machine_info(), "args": vars(args), "start": t_start, "train": train.__dict__}
-    print(
-        f"[run] {json.dumps(meta['machine']['versions'])} {meta['machine'].get('nvidia_smi')}",
-        file=sys.stderr,
-    )
+    machine = machine_info()
+    meta: dict[str, Any] = {"machine": machine, "args": vars(args), "start": t_start, "train": train.__dict__}
+    print(f"[run] {json.dumps(machine['versions'])} {machine.get('nvidia_smi')}", file=sys.stderr)
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     failed_scenarios: set[str] = set()
@@ -420,9 +439,16 @@ def run(args: argparse.Namespace) -> int:
         return seen.get(name, max(seen.values(), default=args.first_estimate_s))
 
     if args.warm_launch and launches:  # one short launch first: file cache, CUDA and NCCL warm
-        warm = build(order[0][0], "accelerate" if SCENARIOS[order[0][0]].accelerate else "optimenv", 0,
-                     args.gpus, port + len(order), TrainArgs(**{**train.__dict__, "steps": 3, "warmup": 1}),
-                     work / "warm", args.mount_root)  # fmt: skip
+        warm = build(
+            order[0][0],
+            "accelerate" if SCENARIOS[order[0][0]].accelerate else "optimenv",
+            0,
+            args.gpus,
+            port + len(order),
+            TrainArgs(**{**train.__dict__, "steps": 3, "warmup": 1}),
+            work / "warm",
+            args.mount_root,
+        )
         rec = execute(warm, env, args.launch_timeout)
         rec["warm_up"] = True
         meta["warm_up"] = {k: rec[k] for k in ("scenario", "path", "rc", "wall_s", "ok")}
@@ -519,6 +545,14 @@ def _first_difference(a: Any, b: Any, at: str = "") -> str | None:
 LOSS_TOLERANCE = 0.05  # absolute, on a loss of ~10.4: bf16 rounding (8 bits of mantissa) is ~0.04 there
 
 
+def _median_step_rate(rec: dict[str, Any]) -> float:
+    r = _rank0(rec)
+    ends = r["step_end"]
+    warm = r["args"]["warmup"]
+    steps = [b - a for a, b in zip(ends[max(warm - 1, 0) :], ends[max(warm, 1) :], strict=False)]
+    return float(r["tokens_per_step_global"] / statistics.median(steps))
+
+
 def compare_paths(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Tokens/s ratio, state identity, loss agreement for one scenario and GPU count."""
     tok_a = [_rank0(r)["tokens_per_s"] for r in a_runs]
@@ -526,6 +560,16 @@ def compare_paths(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]]) ->
     ttfs_a = [_rank0(r)["first_step_from_launch_s"] for r in a_runs]
     ttfs_b = [_rank0(r)["first_step_from_launch_s"] for r in b_runs]
     ratio = statistics.median(tok_a) / statistics.median(tok_b) if tok_a and tok_b else None
+    # Steady-state rate from the median step (robust to a few slow steps), and A/B ratios of
+    # the two launches of one pair (same call, same round: shares the machine's drift).
+    med_a = [_median_step_rate(r) for r in a_runs]
+    med_b = [_median_step_rate(r) for r in b_runs]
+    by_pair = {(r.get("_call", 0), r["rep"]): _rank0(r)["tokens_per_s"] for r in b_runs}
+    paired = [
+        _rank0(r)["tokens_per_s"] / by_pair[(r.get("_call", 0), r["rep"])]
+        for r in a_runs
+        if (r.get("_call", 0), r["rep"]) in by_pair
+    ]
     # Accelerate's state, rank by rank, of every run against the first run of path B.
     state_diffs = []
     if b_runs:
@@ -551,6 +595,10 @@ def compare_paths(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]]) ->
         "tokens_per_s": {"optimenv": _stats(tok_a), "accelerate": _stats(tok_b)},
         "ratio_median_tokens_per_s": ratio,
         "ratio_ok": ratio is not None and ratio >= 0.98,
+        "tokens_per_s_median_step": {"optimenv": _stats(med_a), "accelerate": _stats(med_b)},
+        "ratio_median_step": statistics.median(med_a) / statistics.median(med_b) if med_a and med_b else None,
+        "paired_ratios": [round(x, 4) for x in paired],
+        "paired_ratio_median": statistics.median(paired) if paired else None,
         "first_step_from_launch_s": {"optimenv": _stats(ttfs_a), "accelerate": _stats(ttfs_b)},
         "launch_wall_s": {
             "optimenv": _stats([r["wall_s"] for r in a_runs]),
@@ -586,10 +634,10 @@ def semantic_checks(ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return float(statistics.median(fn(r) for r in runs))
 
     def peak(r: dict[str, Any]) -> float:
-        return max(k["mem_train"]["max_allocated"] for k in r["ranks"]) / 2**30
+        return float(max(k["mem_train"]["max_allocated"] for k in r["ranks"]) / 2**30)
 
     def after_prepare(r: dict[str, Any]) -> float:
-        return max(k["mem_after_prepare"]["allocated"] for k in r["ranks"]) / 2**30
+        return float(max(k["mem_after_prepare"]["allocated"] for k in r["ranks"]) / 2**30)
 
     gpu_counts = sorted({g for _, g in by})
     for name in ("fsdp2", "zero3"):
@@ -599,95 +647,149 @@ def semantic_checks(ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
             one = _rank0(by[(name, 1)][0])["params"]["local_bytes"]
             many = [k["params"]["local_bytes"] for k in by[(name, g)][0]["ranks"]]
             fraction = max(many) / one
-            checks.append({
-                "check": f"{name}: per-rank parameter bytes on {g} GPUs = 1/{g} of 1 GPU",
-                "observed": {"one_gpu": one, f"{g}_gpus_per_rank": many, "fraction": fraction},
-                "ok": abs(fraction - 1 / g) <= 0.02 / g,
-            })  # fmt: skip
+            checks.append(
+                {
+                    "check": f"{name}: per-rank parameter bytes on {g} GPUs = 1/{g} of 1 GPU",
+                    "observed": {"one_gpu": one, f"{g}_gpus_per_rank": many, "fraction": fraction},
+                    "ok": abs(fraction - 1 / g) <= 0.02 / g,
+                }
+            )
     for g in gpu_counts:
         base = by.get(("fsdp2", g))
         if not base:
             continue
+        # Memory and speed against the plain run of the same call (same machine) where there is one.
+        calls = {r.get("_call", 0) for name in SEMANTIC for r in by.get((name, g), [])}
+        same = [r for r in base if r.get("_call", 0) in calls]
+        base = same or base
         if ("fsdp2-ac", g) in by:
             a, b = med(base, peak), med(by[("fsdp2-ac", g)], peak)
-            checks.append({
-                "check": f"activation_checkpointing lowers peak GPU memory ({g} GPU)",
-                "observed": {"peak_gib_off": a, "peak_gib_on": b,
-                             "state_on": _rank0(by[("fsdp2-ac", g)][0])["accelerate_state"]["fsdp_plugin"][
-                                 "activation_checkpointing"]},
-                "ok": b < a,
-            })  # fmt: skip
+            checks.append(
+                {
+                    "check": f"activation_checkpointing lowers peak GPU memory ({g} GPU)",
+                    "observed": {
+                        "peak_gib_off": a,
+                        "peak_gib_on": b,
+                        "state_on": _rank0(by[("fsdp2-ac", g)][0])["accelerate_state"]["fsdp_plugin"][
+                            "activation_checkpointing"
+                        ],
+                    },
+                    "ok": b < a,
+                }
+            )
         if ("fsdp2-offload", g) in by:
             run = by[("fsdp2-offload", g)][0]
             a, b = med(base, after_prepare), med([run], after_prepare)
             pa, pb = med(base, peak), med([run], peak)
             on_gpu = _rank0(run)["params"]["local_bytes_by_device"].get("cuda", 0)
-            checks.append({
-                "check": f"offload_params lowers GPU memory ({g} GPU)",
-                "observed": {"after_prepare_gib_off": a, "after_prepare_gib_on": b, "peak_gib_off": pa,
-                             "peak_gib_on": pb, "param_bytes_on_gpu_on": on_gpu,
-                             "tokens_per_s_off": med(base, lambda r: _rank0(r)["tokens_per_s"]),
-                             "tokens_per_s_on": _rank0(run)["tokens_per_s"]},
-                "ok": b < a and pb < pa and on_gpu == 0,
-            })  # fmt: skip
+            checks.append(
+                {
+                    "check": f"offload_params lowers GPU memory ({g} GPU)",
+                    "observed": {
+                        "after_prepare_gib_off": a,
+                        "after_prepare_gib_on": b,
+                        "peak_gib_off": pa,
+                        "peak_gib_on": pb,
+                        "param_bytes_on_gpu_on": on_gpu,
+                        "tokens_per_s_off": med(base, lambda r: _rank0(r)["tokens_per_s"]),
+                        "tokens_per_s_on": _rank0(run)["tokens_per_s"],
+                    },
+                    "ok": b < a and pb < pa and on_gpu == 0,
+                }
+            )
         if ("fsdp2-fp32", g) in by:
             run = by[("fsdp2-fp32", g)][0]
             t_bf16 = med(base, lambda r: _rank0(r)["tokens_per_s"])
             t_fp32 = _rank0(run)["tokens_per_s"]
-            checks.append({
-                "check": f"bf16: false changes the dtype and the speed ({g} GPU)",
-                "observed": {"logits_dtype_bf16": _rank0(base[0])["logits_dtype"],
-                             "logits_dtype_fp32": _rank0(run)["logits_dtype"],
-                             "mixed_precision_fp32": _rank0(run)["accelerate_state"]["mixed_precision"],
-                             "tokens_per_s_bf16": t_bf16, "tokens_per_s_fp32": t_fp32,
-                             "speed_ratio_fp32_over_bf16": t_fp32 / t_bf16},
-                "ok": _rank0(run)["logits_dtype"] == "torch.float32"
-                and _rank0(base[0])["logits_dtype"] == "torch.bfloat16" and t_fp32 < t_bf16,
-            })  # fmt: skip
+            checks.append(
+                {
+                    "check": f"bf16: false changes the dtype and the speed ({g} GPU)",
+                    "observed": {
+                        "logits_dtype_bf16": _rank0(base[0])["logits_dtype"],
+                        "logits_dtype_fp32": _rank0(run)["logits_dtype"],
+                        "mixed_precision_fp32": _rank0(run)["accelerate_state"]["mixed_precision"],
+                        "tokens_per_s_bf16": t_bf16,
+                        "tokens_per_s_fp32": t_fp32,
+                        "speed_ratio_fp32_over_bf16": t_fp32 / t_bf16,
+                    },
+                    "ok": _rank0(run)["logits_dtype"] == "torch.float32"
+                    and _rank0(base[0])["logits_dtype"] == "torch.bfloat16"
+                    and t_fp32 < t_bf16,
+                }
+            )
         zero3 = by.get(("zero3", g))
         if zero3:
             ranks = [k for r in zero3 for k in r["ranks"]]
-            fractions = [k["creation"]["params_at_creation"]["local_bytes"]
-                         / k["creation"]["params_at_creation"]["full_bytes"] for k in ranks]  # fmt: skip
-            checks.append({
-                "check": f"ZeRO-3 model created partitioned ({g} GPU)",
-                "observed": {"zero3_enabled_at_creation": sorted({k["creation"]["zero3_enabled_at_creation"]
-                                                                  for k in ranks}),
-                             "created_partitioned": sorted({k["creation"]["created_partitioned"] for k in ranks}),
-                             "local_over_full_at_creation": sorted(set(round(f, 4) for f in fractions))},
-                "ok": all(k["creation"]["zero3_enabled_at_creation"] and k["creation"]["created_partitioned"]
-                          for k in ranks) and all(abs(f - 1 / g) <= 0.02 / g for f in fractions),
-            })  # fmt: skip
+            fractions = [
+                k["creation"]["params_at_creation"]["local_bytes"]
+                / k["creation"]["params_at_creation"]["full_bytes"]
+                for k in ranks
+            ]
+            checks.append(
+                {
+                    "check": f"ZeRO-3 model created partitioned ({g} GPU)",
+                    "observed": {
+                        "zero3_enabled_at_creation": sorted(
+                            {k["creation"]["zero3_enabled_at_creation"] for k in ranks}
+                        ),
+                        "created_partitioned": sorted({k["creation"]["created_partitioned"] for k in ranks}),
+                        "local_over_full_at_creation": sorted(set(round(f, 4) for f in fractions)),
+                    },
+                    "ok": all(
+                        k["creation"]["zero3_enabled_at_creation"] and k["creation"]["created_partitioned"]
+                        for k in ranks
+                    )
+                    and all(abs(f - 1 / g) <= 0.02 / g for f in fractions),
+                }
+            )
     return checks
 
 
 def layout_checks(ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Issue 9: the mesh Accelerate built equals the config's, and each rank holds its share."""
     checks = []
+    done: set[tuple[str, int, str]] = set()
     for rec in ok:
         scenario = SCENARIOS.get(rec["scenario"])
-        if scenario is None or rec["rep"] != 0:
+        key = (rec["scenario"], rec["gpus"], rec["path"])
+        if scenario is None or key in done:
             continue
+        done.add(key)
         expected_fraction = scenario.shard_fraction.get(rec["gpus"])
         if scenario.mesh is not None:
             names, shape = scenario.mesh
             meshes = [k["accelerate_state"].get("device_mesh") for k in rec["ranks"]]
-            good = all(m is not None and tuple(m["dim_names"][: len(names)]) == names
-                       and tuple(m["shape"][: len(shape)]) == shape for m in meshes)  # fmt: skip
-            checks.append({"check": f"{rec['scenario']} {rec['path']}: device mesh {names}={shape}",
-                           "observed": meshes[0], "ok": good})  # fmt: skip
+            good = all(
+                m is not None
+                and tuple(m["dim_names"][: len(names)]) == names
+                and tuple(m["shape"][: len(shape)]) == shape
+                for m in meshes
+            )
+            checks.append(
+                {
+                    "check": f"{rec['scenario']} {rec['path']}: device mesh {names}={shape}",
+                    "observed": meshes[0],
+                    "ok": good,
+                }
+            )
         if expected_fraction is not None and rec["gpus"] > 1:
             fr = [k["params"]["local_bytes"] / k["params"]["full_bytes"] for k in rec["ranks"]]
             # Norm weights stay whole under tensor parallelism: allow 5% above the share.
-            checks.append({"check": f"{rec['scenario']} g{rec['gpus']} {rec['path']}: "
-                                    f"rank holds {expected_fraction:g} of the parameters",
-                           "observed": [round(f, 4) for f in fr],
-                           "ok": all(expected_fraction * 0.98 <= f <= expected_fraction * 1.05 for f in fr)})  # fmt: skip
+            checks.append(
+                {
+                    "check": f"{rec['scenario']} g{rec['gpus']} {rec['path']}: "
+                    f"rank holds {expected_fraction:g} of the parameters",
+                    "observed": [round(f, 4) for f in fr],
+                    "ok": all(expected_fraction * 0.98 <= f <= expected_fraction * 1.05 for f in fr),
+                }
+            )
     return checks
 
 
 def summarise(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    launches = [rec for doc in docs for rec in doc["launches"] if not rec.get("warm_up")]
+    launches = [
+        {**rec, "_call": i} for i, doc in enumerate(docs) for rec in doc["launches"] if not rec.get("warm_up")
+    ]
     ok = [rec for rec in launches if rec["ok"]]
     groups: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
     for rec in ok:
@@ -710,7 +812,7 @@ def summarise(docs: list[dict[str, Any]]) -> dict[str, Any]:
             {k: rec.get(k) for k in ("scenario", "gpus", "path", "rep", "rc", "log_tail")}
             for rec in launches
             if not rec["ok"]
-        ],  # fmt: skip
+        ],
         "skipped": [s for doc in docs for s in doc.get("skipped", [])],
     }
 
@@ -721,15 +823,20 @@ def _fmt(stats: dict[str, float] | None, scale: float = 1.0, digits: int = 0) ->
     return "/".join(f"{stats[k] * scale:.{digits}f}" for k in ("min", "median", "max")) + f" (n={stats['n']})"
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _median(stats: dict[str, float] | None) -> str:
     return "-" if not stats else f"{stats['median']:.2f}"
 
 
 def markdown(summary: dict[str, Any]) -> str:
     lines = [
-        "| scenario | tokens/s optimenv (min/med/max) | tokens/s accelerate | ratio | state | loss Δ max "
+        "| scenario | tokens/s optimenv (min/med/max) | tokens/s accelerate | ratio of medians | paired A/B "
+        "(median) | state | loss Δ max "
         "| 1st step s optimenv | 1st step s accelerate | peak GiB opt/acc (median) | param bytes/rank |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, c in summary["comparisons"].items():
         ratio = c["ratio_median_tokens_per_s"]
@@ -738,6 +845,7 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {key} | {_fmt(c['tokens_per_s']['optimenv'])} | {_fmt(c['tokens_per_s']['accelerate'])} | "
             f"{'-' if ratio is None else f'{ratio:.3f}'} {'ok' if c['ratio_ok'] else 'FAIL'} | "
+            f"{_num(c['paired_ratio_median'])} {c['paired_ratios']} | "
             f"{'identical' if c['state_identical'] else 'DIFFERENT'} | "
             f"{'-' if loss is None else f'{loss:.4f}'} {'ok' if c['losses_ok'] else 'FAIL'} | "
             f"{_fmt(c['first_step_from_launch_s']['optimenv'], digits=1)} | "
@@ -752,8 +860,13 @@ def markdown(summary: dict[str, Any]) -> str:
         )
     for f in summary["failed"]:
         lines.append(f"- FAILED launch {f['scenario']} g{f['gpus']} {f['path']} rep {f['rep']} rc={f['rc']}")
+    skipped: dict[str, int] = {}
     for s in summary["skipped"]:
-        lines.append(f"- skipped {s['scenario']} {s['path']} rep {s['rep']}: {s['why']}")
+        key = f"{s['scenario']} {s['path']}"
+        skipped[key] = skipped.get(key, 0) + 1
+    if skipped:
+        listed = ", ".join(f"{k} x{n}" for k, n in sorted(skipped.items()))
+        lines.append(f"- planned but not run (time budget of the call, or partner skipped): {listed}")
     return "\n".join(lines) + "\n"
 
 

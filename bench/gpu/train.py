@@ -228,8 +228,15 @@ def build_model(args: argparse.Namespace, accelerator: Any) -> tuple[torch.nn.Mo
         mesh = accelerator.torch_device_mesh
         pc = accelerator.parallelism_config
         if pc is not None and pc.tp_enabled:
-            # Accelerate's N-D recipe: transformers shards the linear layers over the "tp" mesh.
-            kwargs = {"tp_plan": "auto", "tp_size": pc.tp_size, "device_mesh": mesh}
+            # Accelerate's N-D recipe: transformers shards the linear layers over the "tp" dimension
+            # of Accelerate's mesh (transformers 5.17, the GPU image's: it checks tp x fsdp = world
+            # and applies only TP when tp > 1; Accelerate then shards over "dp_shard").
+            from transformers.distributed import DistributedConfig
+
+            dist = DistributedConfig(
+                tp_plan="auto", tp_size=pc.tp_size, fsdp_size=pc.total_size // pc.tp_size
+            )
+            kwargs = {"distributed_config": dist, "device_mesh": mesh}
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, **kwargs)
     else:
         model = AutoModelForCausalLM.from_config(llama_config(args.model))
