@@ -1,6 +1,6 @@
 """One function per target: Plan + JobOptions → the job object (ConfigMaps come from ``_common``).
 
-What each operator injects, and so what is left to us, is in ``docs/render.md``: PyTorchJob and
+What each operator injects, and so what is left to us, is in ``docs/targets.md``: PyTorchJob and
 Trainer's torch runtime set ``PET_*`` that ``torchrun`` reads, so the launch command names no
 rendezvous value; the MPI runtime gives OpenMPI ranks that a small shell wrapper maps to torch's
 names; Ray Train sets the ranks inside each worker actor.
