@@ -1,0 +1,329 @@
+"""bench/gpu: what can be checked without a GPU.
+
+The launches the GPU runner builds (path A is the rendered PyTorchJob's container, path B
+``accelerate launch`` with the hand-written configs), that both carry the same settings as Accelerate
+itself parses them, the 4-GPU layouts' meshes (issue 9), the statistics, and one end-to-end run on
+CPUs through a test-only shim (Accelerate enables FSDP/DeepSpeed only on accelerators).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from optimenv.config import load_config
+from optimenv.plan import Hardware, plan
+from optimenv.spec import verify_spec
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench" / "gpu"
+SHIM = Path(__file__).resolve().parent / "cpu_shim"
+
+
+def _load(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"gpu_bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load("run")
+
+# Set by `accelerate launch` for every FSDP config: FSDP1-only switches that FSDP2 ignores
+# (accelerate-env.md section 1.5); the GPU runs show the plugin state is identical regardless.
+FSDP1_ONLY = {
+    "FSDP_SHARDING_STRATEGY",
+    "FSDP_SYNC_MODULE_STATES",
+    "FSDP_USE_ORIG_PARAMS",
+    "FSDP_FORWARD_PREFETCH",
+    "FSDP_MIN_NUM_PARAMS",
+}
+PAIRED = [(name, g) for name, s in run.SCENARIOS.items() if s.accelerate for g in s.gpus]
+
+
+def _planned(name: str, gpus: int, ds_path: str = "/etc/optimenv/deepspeed.json") -> Any:
+    config = load_config(BENCH / "configs" / run.SCENARIOS[name].config)
+    return plan(config, Hardware(nodes=1, gpus_per_node=gpus), deepspeed_path=ds_path)
+
+
+def _accelerate_env(launch: Any) -> dict[str, str]:
+    """The environment `accelerate launch` gives the training processes, computed by Accelerate."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    argv = launch.cmd[2:]  # after "accelerate launch"
+    args = launch_command_parser().parse_args(argv)
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    if args.use_deepspeed:
+        fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_", "PARALLELISM_CONFIG_"))}
+
+
+@pytest.mark.parametrize(("name", "gpus"), PAIRED)
+def test_path_a_runs_the_rendered_pytorchjob_container(name: str, gpus: int, tmp_path: Path) -> None:
+    launch = run.build(name, "optimenv", 0, gpus, 30000, run.TrainArgs(), tmp_path / "work", str(tmp_path))
+    spec_path = str(tmp_path / "etc/optimenv/spec.json")
+    per_rank = ["python3", "-m", "optimenv.bootstrap", "run"] if run.SCENARIOS[name].zero3 else ["python3"]
+    head = ["optimenv-bootstrap", "--spec", spec_path, "--", "torchrun", "--no-python", *per_rank, run.TRAIN]
+    assert launch.cmd[: len(head)] == head
+    # The operator's variables for a one-replica PyTorchJob with nprocPerNode=gpus; no LOCAL_RANK.
+    env = launch.env
+    assert (env["PET_NPROC_PER_NODE"], env["WORLD_SIZE"], env["RANK"], env["PET_NNODES"]) == (
+        str(gpus),
+        str(gpus),
+        "0",
+        "1",
+    )
+    assert env["PET_MASTER_PORT"] == env["MASTER_PORT"] == "30000"
+    assert "LOCAL_RANK" not in env
+    assert env["OPTIMENV_SPEC"] == spec_path
+    planned = _planned(name, gpus, ds_path=str(tmp_path / "etc/optimenv/deepspeed.json"))
+    assert {k: env[k] for k in planned.env_dict} == planned.env_dict
+    spec = verify_spec(json.loads(launch.files[spec_path]))
+    assert spec["env"] == [
+        {"name": v.name, "value": v.value, "source": v.source, "mode": v.mode} for v in planned.env
+    ]
+    if planned.deepspeed is not None:
+        assert json.loads(launch.files[planned.deepspeed_path]) == planned.deepspeed
+
+
+@pytest.mark.parametrize(("name", "gpus"), PAIRED)
+def test_hand_written_accelerate_config_carries_the_planned_settings(
+    name: str, gpus: int, tmp_path: Path
+) -> None:
+    launch = run.build(name, "accelerate", 0, gpus, 30001, run.TrainArgs(), tmp_path, "/")
+    env = _accelerate_env(launch)
+    planned = _planned(name, gpus)
+    assert env.get("ACCELERATE_NUM_PROCESSES", str(gpus)) == str(gpus)
+    for key, value in planned.env_dict.items():
+        if key == "ACCELERATE_DEEPSPEED_CONFIG_FILE":
+            hand_written = json.loads((REPO / env[key]).read_text())
+            assert hand_written == planned.deepspeed, "ds_zero3.json must equal the planned DeepSpeed JSON"
+        elif key == "ACCELERATE_DEEPSPEED_ZERO_STAGE":
+            assert json.loads((REPO / env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).read_text())[
+                "zero_optimization"
+            ]["stage"] == int(value)
+        else:
+            assert env.get(key) == value, (
+                f"{key}: accelerate launch gives {env.get(key)!r}, the plan {value!r}"
+            )
+    for key, value in env.items():
+        if key.startswith("FSDP_") and key not in planned.env_dict and key not in FSDP1_ONLY:
+            assert value == "false", f"{key}={value} is set only by the hand-written config"
+        if key.startswith("PARALLELISM_CONFIG_") and key not in planned.env_dict:
+            assert value in ("1", "torch", "deepspeed"), (
+                f"{key}={value} is set only by the hand-written config"
+            )
+
+
+@pytest.mark.parametrize("name", ["fsdp2-hsdp", "fsdp2-tp"])
+def test_4gpu_layouts_give_the_mesh_the_config_asks_for(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 9, as far as a CPU goes: Accelerate's ParallelismConfig from either path's env."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    scenario = run.SCENARIOS[name]
+    assert scenario.mesh is not None
+    a = run.build(name, "optimenv", 0, 4, 30002, run.TrainArgs(), tmp_path, str(tmp_path))
+    b_env = _accelerate_env(run.build(name, "accelerate", 0, 4, 30003, run.TrainArgs(), tmp_path, "/"))
+    meshes = []
+    for env in (a.env, b_env):
+        for key in [k for k in os.environ if k.startswith("PARALLELISM_CONFIG_")]:
+            monkeypatch.delenv(key)
+        for key, value in env.items():
+            if key.startswith("PARALLELISM_CONFIG_"):
+                monkeypatch.setenv(key, value)
+        assert env["ACCELERATE_USE_PARALLELISM_CONFIG"] == "true"
+        pc = ParallelismConfig()
+        assert pc.total_size == 4
+        names, shape = pc._get_mesh()
+        meshes.append((tuple(names), tuple(shape)))
+    assert meshes == [(scenario.mesh[0], scenario.mesh[1])] * 2
+
+
+def test_dry_run_prints_every_4gpu_launch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--gpus", "4", "--scenarios", "fsdp2-hsdp,fsdp2-tp,zero3", "--reps", "2", "--dry-run"]
+    assert run.main([*argv, "--work", str(tmp_path), "--mount-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    commands = [line for line in out.splitlines() if not line.startswith("#")]
+    assert len(commands) == 3 * 2 * 2
+    assert sum("optimenv-bootstrap --spec" in c and "PET_NPROC_PER_NODE=4" in c for c in commands) == 6
+    assert (
+        sum(c.startswith("accelerate launch --config_file bench/gpu/configs/accelerate/") for c in commands)
+        == 6
+    )
+    assert sum("--model-dir" in c for c in commands) == 4  # tensor parallelism loads a saved model
+
+
+def test_scenario_outside_its_gpu_counts_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="defined for"):
+        run.build("fsdp2-tp", "optimenv", 0, 2, 30004, run.TrainArgs(), tmp_path, str(tmp_path))
+
+
+def test_schedule_alternates_and_puts_semantic_runs_last() -> None:
+    order = run.schedule(["fsdp2", "zero3"], ["fsdp2-ac"], 2)
+    assert order == [
+        ("fsdp2", "optimenv", 0),
+        ("fsdp2", "accelerate", 0),
+        ("zero3", "optimenv", 0),
+        ("zero3", "accelerate", 0),
+        ("fsdp2", "accelerate", 1),
+        ("fsdp2", "optimenv", 1),
+        ("zero3", "accelerate", 1),
+        ("zero3", "optimenv", 1),
+        ("fsdp2-ac", "optimenv", 0),
+    ]
+
+
+def _record(path: str, rep: int, tokens: float, losses: list[float], state: dict[str, Any]) -> dict[str, Any]:
+    rank = {
+        "rank": 0,
+        "tokens_per_s": tokens,
+        "tokens_per_step_global": 100.0,
+        "step_end": [0.0, 1.0, 2.0, 3.0],
+        "args": {"warmup": 1},
+        "first_step_from_launch_s": 20.0,
+        "accelerate_state": state,
+        "losses": losses,
+        "mem_train": {"max_allocated": 2**30},
+        "params": {"local_bytes": 10},
+    }
+    return {"path": path, "rep": rep, "wall_s": 30.0, "ranks": [rank]}
+
+
+def test_compare_paths_reports_ratio_state_and_loss_differences() -> None:
+    state = {"distributed_type": "FSDP", "fsdp_plugin": {"reshard_after_forward": True}}
+    other = {"distributed_type": "FSDP", "fsdp_plugin": {"reshard_after_forward": False}}
+    a = [_record("optimenv", i, t, [10.0, 9.0], state) for i, t in enumerate([99.0, 97.0, 101.0])]
+    b = [_record("accelerate", i, t, [10.0, 9.01], state) for i, t in enumerate([100.0, 100.0, 100.0])]
+    same = run.compare_paths(a, b)
+    assert same["ratio_median_tokens_per_s"] == pytest.approx(0.99)
+    assert same["ratio_ok"] and same["state_identical"] and same["losses_ok"]
+    assert same["paired_ratios"] == [0.99, 0.97, 1.01]
+    worse = run.compare_paths(
+        [_record("optimenv", 0, 90.0, [10.0, 9.5], other)],
+        [_record("accelerate", 0, 100.0, [10.0, 9.0], state)],
+    )
+    assert not worse["ratio_ok"] and not worse["state_identical"] and not worse["losses_ok"]
+    assert "fsdp_plugin.reshard_after_forward" in worse["state_differences"][0]
+
+
+def test_recorded_gpu_results_hold_the_semantic_checks() -> None:
+    """The committed raw results (docs/gpu.md) pass every semantic check and agree between paths."""
+    docs = [json.loads(p.read_text()) for p in sorted((BENCH / "results").glob("call*.json"))]
+    assert docs, "bench/gpu/results/ holds the raw GPU results"
+    summary = run.summarise(docs)
+    assert {"fsdp2-g1", "fsdp2-g2", "zero3-g1", "zero3-g2"} <= set(summary["comparisons"])
+    for key, c in summary["comparisons"].items():
+        assert c["state_identical"], (key, c["state_differences"])
+        assert c["losses_ok"], (key, c["loss_max_abs_diff_between_paths"])
+    checks = summary["semantic"] + summary["layouts"]
+    assert len(summary["semantic"]) == 7  # halving x2, AC, offload, fp32, ZeRO-3 init x2
+    assert all(check["ok"] for check in checks), [c for c in checks if not c["ok"]]
+    assert not summary["failed"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_both_paths_train_alike_on_cpus(tmp_path: Path) -> None:
+    """FSDP2 and ZeRO-3 over 2 processes, both paths, through the real runner (gloo, test shim)."""
+    env = {
+        **os.environ,
+        "GPU_BENCH_CPU_SHIM": "1",
+        "PYTHONPATH": str(SHIM),
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    out = tmp_path / "out"
+    argv = [
+        sys.executable,
+        str(BENCH / "run.py"),
+        "--gpus",
+        "2",
+        "--scenarios",
+        "fsdp2,zero3",
+        "--reps",
+        "1",
+        "--model",
+        "llama-tiny",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--seq-len",
+        "32",
+        "--micro-batch",
+        "2",
+        "--mount-root",
+        str(tmp_path / "mnt"),
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+        "--base-port",
+        "31456",
+        "--launch-timeout",
+        "180",
+    ]
+    proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("fsdp2-g2", "zero3-g2"):
+        c = summary["comparisons"][key]
+        assert c["state_identical"], c["state_differences"]
+        assert c["loss_max_abs_diff_between_paths"] == 0.0
+        assert c["param_local_bytes_rank0"]["optimenv"] == c["param_local_bytes_rank0"]["accelerate"]
+    results = json.loads((out / "results.json").read_text())
+    for launch in results["launches"]:
+        kind = "zero3_partition" if launch["scenario"] == "zero3" else "dtensor"
+        for rank in launch["ranks"]:
+            assert rank["params"]["kinds"] == [kind]
+            assert rank["params"]["local_bytes"] * 2 == rank["params"]["full_bytes"]
+        if launch["scenario"] == "zero3":
+            assert all(r["creation"]["zero3_enabled_at_creation"] for r in launch["ranks"])
+            assert all(r["creation"]["created_partitioned"] for r in launch["ranks"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_4rank_layouts_shard_as_planned_on_cpus(tmp_path: Path) -> None:
+    """Issue 9 on CPUs: HSDP 2 x 2 and ZeRO-3 over 4 ranks, both paths, mesh and shares as planned."""
+    env = {
+        **os.environ,
+        "GPU_BENCH_CPU_SHIM": "1",
+        "PYTHONPATH": str(SHIM),
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    out = tmp_path / "out"
+    argv = [
+        sys.executable, str(BENCH / "run.py"), "--gpus", "4", "--scenarios", "fsdp2-hsdp,zero3",
+        "--reps", "1", "--model", "llama-tiny", "--steps", "3", "--warmup", "1", "--seq-len", "32",
+        "--micro-batch", "2",
+        "--mount-root", str(tmp_path / "mnt"), "--work", str(tmp_path / "work"), "--out", str(out),
+        "--base-port", "32456", "--launch-timeout", "180",
+    ]  # fmt: skip
+    proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("fsdp2-hsdp-g4", "zero3-g4"):
+        assert summary["comparisons"][key]["state_identical"], summary["comparisons"][key][
+            "state_differences"
+        ]
+    layouts = summary["layouts"]
+    assert len(layouts) == 6  # HSDP: mesh + share, per path; ZeRO-3: share, per path
+    assert all(check["ok"] for check in layouts), layouts
