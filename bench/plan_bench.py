@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
-import statistics
 import sys
-import timeit
-from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 import yaml
+from _timing import print_table, time_cases
 
 from optimenv.config import parse_config
 from optimenv.plan import Hardware, plan
@@ -31,13 +26,6 @@ CASES = {
     "ZeRO-3": ("zero3-gpu.yaml", Hardware(nodes=2, gpus_per_node=8, bf16_supported=True)),
     "parallelism (HSDP 2x2)": ("parallel-gpu.yaml", Hardware(nodes=1, gpus_per_node=4, bf16_supported=True)),
 }
-
-
-def _time(func: Callable[[], object], repeat: int, number: int) -> tuple[float, float]:
-    """(min, median) µs per call."""
-    runs = timeit.repeat(func, repeat=repeat, number=number)
-    per_call = [t / number * 1e6 for t in runs]
-    return min(per_call), statistics.median(per_call)
 
 
 def main() -> None:
@@ -61,19 +49,15 @@ def main() -> None:
             "plan()": (lambda c=config, h=hardware: plan(c, h), args.number),
             "plan().to_json()": (lambda c=config, h=hardware: plan(c, h).to_json(), args.number // 2),
         }
-        base = 0.0
-        for label, (func, number) in timed.items():
-            best, median = _time(func, args.repeat, number)
-            base = base or best
-            rows.append((f"{name}: {label}", best, median, base))
+        rows += time_cases(name, timed, args.repeat)
 
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("optimenv", "pydantic", "pydantic-core"))
-    cpu = platform.processor() or platform.machine()
-    print(f"# Python {platform.python_version()} on {cpu}, {os.cpu_count()} CPUs, {versions}")
-    print(f"# repeat={args.repeat} number={args.number} (parse_config /4, to_json /2)")
-    print(f"{'case':48} {'min µs':>9} {'median µs':>10} {'x baseline':>11}")
-    for label, best, median, base in rows:
-        print(f"{label:48} {best:9.2f} {median:10.2f} {best / base:11.1f}")
+    print_table(
+        rows,
+        packages=("optimenv", "pydantic", "pydantic-core"),
+        note=f"repeat={args.repeat} number={args.number} (parse_config /4, to_json /2)",
+        ratio="x baseline",
+        width=48,
+    )
 
 
 if __name__ == "__main__":

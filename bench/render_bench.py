@@ -10,16 +10,12 @@ once per reconcile of an ``OptimEnv``, so this is its per-object CPU cost beside
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
 import sys
-import timeit
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 import yaml
+from _timing import print_table, time_cases
 
 from optimenv.config import parse_config
 from optimenv.plan import Hardware, plan
@@ -36,13 +32,6 @@ OPTIONS = JobOptions(
     nodes=2,
     gpus_per_node=8,
 )
-
-
-def _time(func: Callable[[], object], repeat: int, number: int) -> tuple[float, float]:
-    """(min, median) µs per call."""
-    runs = timeit.repeat(func, repeat=repeat, number=number)
-    per_call = [t / number * 1e6 for t in runs]
-    return min(per_call), statistics.median(per_call)
 
 
 def main() -> None:
@@ -63,19 +52,15 @@ def main() -> None:
             timed[f"render {target}"] = (lambda t=target, p=planned: render(p, t, OPTIONS), args.number)
         objects = render(planned, "trainjob", OPTIONS)
         timed["to_yaml(trainjob objects)"] = (lambda o=objects: to_yaml(o), max(args.number // 10, 1))
-        base = 0.0
-        for label, (func, number) in timed.items():
-            best, median = _time(func, args.repeat, number)
-            base = base or best
-            rows.append((f"{name}: {label}", best, median, base))
+        rows += time_cases(name, timed, args.repeat)
 
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("optimenv", "pydantic", "pyyaml"))
-    cpu = platform.processor() or platform.machine()
-    print(f"# Python {platform.python_version()} on {cpu}, {os.cpu_count()} CPUs, {versions}")
-    print(f"# repeat={args.repeat} number={args.number} (to_yaml /10)")
-    print(f"{'case':40} {'min µs':>9} {'median µs':>10} {'x plan()':>9}")
-    for label, best, median, base in rows:
-        print(f"{label:40} {best:9.1f} {median:10.1f} {best / base:9.1f}")
+    print_table(
+        rows,
+        packages=("optimenv", "pydantic", "pyyaml"),
+        note=f"repeat={args.repeat} number={args.number} (to_yaml /10)",
+        ratio="x plan()",
+        width=40,
+    )
 
 
 if __name__ == "__main__":
