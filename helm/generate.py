@@ -68,8 +68,14 @@ class Watch(BaseModel):
 
 class Jobs(BaseModel):
     model_config = _CLOSED
-    enabled: bool = Field(True, description="Grant access to the job kinds, for OptimEnvs with spec.job.")
-    targets: list[JobKind] = Field(default_factory=lambda: list(JOB_KINDS), min_length=1)
+    enabled: bool = Field(
+        True, description="Grant access to the job kinds and watch them, for OptimEnvs with spec.job."
+    )
+    targets: list[JobKind] = Field(
+        default_factory=lambda: list(JOB_KINDS),
+        min_length=1,
+        description="Job kinds to grant and watch (--job-kind); one without its CRD is skipped.",
+    )
 
 
 class ServiceAccount(BaseModel):

@@ -2,9 +2,10 @@
 
 Every trigger ends in :meth:`Controller.reconcile`, one level-based, idempotent pass: create,
 update and resume of an ``OptimEnv``; a change of the ConfigMap it references; a change or deletion
-of a ConfigMap it owns (or whose name it wants). API errors become ``kopf.TemporaryError`` with the
-server's delay, so kopf retries them with backoff; an invalid config is not an error (it is status)
-and is not retried until the object or its ConfigMap changes.
+of a ConfigMap it owns (or whose name it wants), or of a job it owns (for the kinds given with
+``--job-kind``). API errors become ``kopf.TemporaryError`` with the server's delay, so kopf retries
+them with backoff; an invalid config is not an error (it is status) and is not retried until the
+object or its ConfigMap changes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import datetime
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import kopf
@@ -43,6 +44,9 @@ class Controller:
         self.kube = kube
         self.metrics = metrics or Metrics()
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Per OptimEnv, what was last wanted of its job children: tells the echo of our own apply (and
+        # the job operator's status writes) from a change to undo, without planning on every event.
+        self._wanted_jobs: dict[tuple[str, str], dict[rc.ChildKey, dict[str, Any]]] = {}
 
     async def reconcile(
         self, obj: Mapping[str, Any] | None = None, *, key: tuple[str, str] | None = None
@@ -58,6 +62,7 @@ class Controller:
                 if obj is None:
                     obj = await self.kube.get(f"{GROUP}/{VERSION}", "OptimEnv", *key)
                     if obj is None or obj["metadata"].get("deletionTimestamp"):
+                        self._wanted_jobs.pop(key, None)
                         result = "gone"
                         return
                 result = await self._reconcile(obj)
@@ -78,6 +83,11 @@ class Controller:
             keys = [rc.child_key(body) for body in want.children]
             found = await asyncio.gather(*(self.kube.get(av, kind, namespace, n) for av, kind, n in keys))
             observed = dict(zip(keys, found, strict=True))
+            self._wanted_jobs[(namespace, name)] = {
+                rc.child_key(body): rc.managed_metadata(body)
+                for body in want.children
+                if body["kind"] != "ConfigMap"
+            }
         outcome = rc.decide(obj, want, observed, _now())
 
         for apply in outcome.applies:
@@ -103,8 +113,17 @@ class Controller:
         except KubeError as exc:
             logger.info("event %s for %s not recorded: %s", event.reason, obj["metadata"]["name"], exc)
 
+    def job_as_applied(self, namespace: str, owner: str, job: Mapping[str, Any]) -> bool:
+        """Whether a reconcile of ``owner`` would leave ``job`` as it is (False: not known yet)."""
+        wanted = self._wanted_jobs.get((namespace, owner))
+        if wanted is None:
+            return False  # not reconciled by this process (yet): let a reconcile find out
+        want = wanted.get(rc.child_key(job))
+        # No longer wanted (spec.job removed or retargeted): kept as is until the owner goes.
+        return want is None or rc.in_sync(job, want)
+
     async def reconcile_with_retries(self, key: tuple[str, str]) -> None:
-        """For triggers kopf does not retry (ConfigMap events): retry here, with the server's delay."""
+        """For triggers kopf does not retry (ConfigMap, job events): retry here, with the server's delay."""
         for attempt in range(EVENT_ATTEMPTS):
             try:
                 await self.reconcile(key=key)
@@ -140,8 +159,14 @@ def make_settings() -> kopf.OperatorSettings:
     return settings
 
 
-def build_registry(controller: Controller, *, login_url: str | None = None) -> kopf.OperatorRegistry:
-    """A kopf registry wired to ``controller``; ``login_url``: an unauthenticated API server (tests)."""
+def build_registry(
+    controller: Controller, *, login_url: str | None = None, job_kinds: Iterable[str] = ()
+) -> kopf.OperatorRegistry:
+    """A kopf registry wired to ``controller``.
+
+    ``login_url``: an unauthenticated API server (tests). ``job_kinds``: keys of
+    :data:`reconcile.JOB_RESOURCES` whose owned jobs are watched (their CRDs must exist to be served).
+    """
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(id="login", registry=registry)
@@ -195,5 +220,19 @@ def build_registry(controller: Controller, *, login_url: str | None = None) -> k
             return  # one of ours, exactly as rendered: the echo of our own apply, nothing to undo
         for owner in sorted(set(configmaps_of[(namespace, name)])):
             await controller.reconcile_with_retries((namespace, owner))
+
+    async def job_event(type: str, namespace: str | None, body: kopf.Body, **_: Any) -> None:
+        owner = rc.controller_owner(body)
+        # type None is the initial listing (resume reconciles every OptimEnv); a job that no OptimEnv
+        # controls is none of our business.
+        if not type or namespace is None or owner is None:
+            return
+        if type != "DELETED" and controller.job_as_applied(namespace, owner, body):
+            return  # the echo of our own apply, or the job operator writing status
+        await controller.reconcile_with_retries((namespace, owner))
+
+    for kind in sorted(set(job_kinds)):
+        group, version, plural = rc.JOB_RESOURCES[kind]
+        kopf.on.event(group, version, plural, id=f"{kind}_event", registry=registry)(job_event)
 
     return registry

@@ -16,11 +16,13 @@ import kopf
 from optimenv_controller.handlers import Controller, build_registry, make_settings
 from optimenv_controller.kube import Kube, KubeError
 from optimenv_controller.metrics import Metrics, configure_logging
+from optimenv_controller.reconcile import JOB_RESOURCES
 
 
 async def run(
     *,
     namespaces: tuple[str, ...],
+    job_kinds: tuple[str, ...] = (),
     metrics_port: int | None,
     health_port: int | None,
     verbose: bool = False,
@@ -34,7 +36,7 @@ async def run(
     except KubeError as exc:
         raise click.ClickException(str(exc)) from None
     controller = Controller(kube, metrics)
-    registry = build_registry(controller)
+    registry = build_registry(controller, job_kinds=job_kinds)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -66,6 +68,14 @@ async def run(
 )
 @click.option("-A", "--all-namespaces", is_flag=True, help="Watch all namespaces (the default).")
 @click.option(
+    "--job-kind",
+    "job_kinds",
+    multiple=True,
+    type=click.Choice(sorted(JOB_RESOURCES)),
+    help="Also watch owned jobs of this kind (repeatable), so that a changed or deleted one is "
+    "re-applied at once. Its CRD must be installed. Default: none (repaired on the next OptimEnv change).",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=8000,
@@ -81,7 +91,12 @@ async def run(
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logs.")
 def controller_command(
-    namespaces: tuple[str, ...], all_namespaces: bool, metrics_port: int, health_port: int, verbose: bool
+    namespaces: tuple[str, ...],
+    all_namespaces: bool,
+    job_kinds: tuple[str, ...],
+    metrics_port: int,
+    health_port: int,
+    verbose: bool,
 ) -> None:
     """Run the OptimEnv controller (in-cluster config or KUBECONFIG); JSON logs on stderr."""
     if namespaces and all_namespaces:
@@ -90,6 +105,7 @@ def controller_command(
     asyncio.run(
         run(
             namespaces=namespaces,
+            job_kinds=job_kinds,
             metrics_port=metrics_port or None,
             health_port=health_port or None,
             verbose=verbose,

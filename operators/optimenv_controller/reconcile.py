@@ -18,7 +18,7 @@ from optimenv.deepspeed import PRESETS
 from optimenv.errors import ConfigError, OptimEnvError
 from optimenv.plan import Plan, plan
 from optimenv.render import CONTENT_HASH_ANNOTATION, JobOptions, render
-from optimenv.resource import API_VERSION, KIND, OptimEnvSpec, parse_spec
+from optimenv.resource import API_VERSION, GROUP, KIND, OptimEnvSpec, parse_spec
 from optimenv.spec import build_spec, content_hash
 
 FIELD_MANAGER = "optimenv"
@@ -27,6 +27,13 @@ NAME_LABEL = "optimenv.dev/name"
 CHILD_SUFFIXES = ("-env", "-spec", "-deepspeed")
 
 ChildKey = tuple[str, str, str]  # (apiVersion, kind, name)
+
+#: The job kinds whose owned objects the controller can watch (``--job-kind``): (group, version, plural).
+JOB_RESOURCES: dict[str, tuple[str, str, str]] = {
+    "rayjob": ("ray.io", "v1", "rayjobs"),
+    "pytorchjob": ("kubeflow.org", "v1", "pytorchjobs"),
+    "trainjob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
+}
 
 
 def child_key(body: Mapping[str, Any]) -> ChildKey:
@@ -210,6 +217,23 @@ def owned_by(child: Mapping[str, Any], obj: Mapping[str, Any]) -> bool:
     uid = obj["metadata"].get("uid")
     refs = (child.get("metadata") or {}).get("ownerReferences") or []
     return any(r.get("controller") and r.get("uid") == uid and r.get("kind") == KIND for r in refs)
+
+
+def controller_owner(child: Mapping[str, Any]) -> str | None:
+    """The name of the OptimEnv that is ``child``'s controller owner, or None (not one of ours)."""
+    for ref in (child.get("metadata") or {}).get("ownerReferences") or []:
+        group = str(ref.get("apiVersion") or "").rpartition("/")[0]
+        if ref.get("controller") and ref.get("kind") == KIND and group == GROUP and ref.get("name"):
+            name: str = ref["name"]
+            return name
+    return None
+
+
+def managed_metadata(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`in_sync` compares of a job child: enough to recognise the echo of its apply."""
+    meta = body["metadata"]
+    keep = ("name", "labels", "annotations", "ownerReferences")
+    return {"kind": body["kind"], "metadata": {k: meta[k] for k in keep if k in meta}}
 
 
 def child_intact(child: Mapping[str, Any]) -> bool:

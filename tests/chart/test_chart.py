@@ -73,7 +73,7 @@ JOB_RULES = {
     "pytorchjob": {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"]},
     "trainjob": {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"]},
 }
-JOB_VERBS = ["get", "create", "patch"]
+JOB_VERBS = ["get", "list", "watch", "create", "patch"]
 
 
 def _expected_rules(targets: list[str]) -> list[dict[str, Any]]:
@@ -208,6 +208,9 @@ def test_deployment_defaults(render: Render) -> None:
     assert pod["serviceAccountName"] == "optimenv"
     assert container["args"] == [
         f"--namespace={RELEASE_NAMESPACE}",
+        "--job-kind=rayjob",
+        "--job-kind=pytorchjob",
+        "--job-kind=trainjob",
         "--health-port=8080",
         "--metrics-port=9090",
     ]
@@ -238,6 +241,8 @@ def test_non_default_deployment(render: Render) -> None:
     assert container["imagePullPolicy"] == "Always"
     assert container["args"] == [
         "--all-namespaces",
+        "--job-kind=pytorchjob",
+        "--job-kind=trainjob",
         "--health-port=8081",
         "--metrics-port=9100",
         "--verbose",
@@ -286,17 +291,26 @@ def test_metrics_service_selects_the_controller_pod(render: Render) -> None:
 def test_rendered_args_are_accepted_by_the_controller_command(render: Render) -> None:
     from optimenv_controller.main import controller_command as command
 
-    # What `optimenv controller` parses from the chart's args: (namespaces, all, metrics, health).
+    # What `optimenv controller` parses from the chart's args:
+    # (namespaces, all, job kinds watched, metrics, health).
+    all_jobs = ("rayjob", "pytorchjob", "trainjob")
     expected = {
-        "default": ((RELEASE_NAMESPACE,), False, 9090, 8080),
-        "cluster-wide": ((), True, 9090, 8080),
-        "namespaced-list": (("team-a", "team-b"), False, 9090, 8080),
-        "crds-not-kept-no-metrics": ((RELEASE_NAMESPACE,), False, 0, 8080),
+        "default": ((RELEASE_NAMESPACE,), False, all_jobs, 9090, 8080),
+        "cluster-wide": ((), True, all_jobs, 9090, 8080),
+        "namespaced-list": (("team-a", "team-b"), False, ("rayjob",), 9090, 8080),
+        "crds-disabled-jobs-off": ((RELEASE_NAMESPACE,), False, (), 9090, 8080),
+        "crds-not-kept-no-metrics": ((RELEASE_NAMESPACE,), False, all_jobs, 0, 8080),
     }
     for case, want in expected.items():
         (container,) = _one(render(VALUE_SETS[case]), "Deployment")["spec"]["template"]["spec"]["containers"]
         params = command.make_context("controller", list(container["args"])).params
-        got = (params["namespaces"], params["all_namespaces"], params["metrics_port"], params["health_port"])
+        got = (
+            params["namespaces"],
+            params["all_namespaces"],
+            params["job_kinds"],
+            params["metrics_port"],
+            params["health_port"],
+        )
         assert got == want, case
 
 

@@ -30,6 +30,11 @@ from kmock._internal import k8s_dicts, rendering
 
 APPLY = "application/apply-patch+yaml"
 OPTIMENVS = "optimenv.dev/v1alpha1/optimenvs"
+JOBS = {
+    "ray.io/v1/rayjobs": "RayJob",
+    "kubeflow.org/v1/pytorchjobs": "PyTorchJob",
+    "trainer.kubeflow.org/v1alpha1/trainjobs": "TrainJob",
+}
 
 
 def _now() -> str:
@@ -53,6 +58,15 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
             verbs={"get", "list", "watch", "patch", "create", "delete"},
             subresources={"status"},
         )
+        # The job kinds the controller can own (their CRDs, as discovery shows them).
+        for resource, kind in JOBS.items():
+            self.resources[resource] = kmock.ResourceInfo(
+                kind=kind,
+                singular=kind.lower(),
+                namespaced=True,
+                verbs={"get", "list", "watch", "patch", "create", "delete"},
+                subresources={"status"},
+            )
         self._builtin = len(self._payloads)
         self._direct = {
             kmock.action.LIST: self._serve_list,

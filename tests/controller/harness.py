@@ -38,10 +38,11 @@ async def running_operator(
     *,
     kube_timeout: float = 30.0,
     tune: Callable[[kopf.OperatorSettings], None] | None = None,
+    job_kinds: tuple[str, ...] = (),
 ) -> AsyncIterator[Running]:
     kube = Kube.for_server(url, timeout=kube_timeout)
     controller = Controller(kube)
-    registry = build_registry(controller, login_url=url)
+    registry = build_registry(controller, login_url=url, job_kinds=job_kinds)
     settings = fast_settings()
     if tune is not None:
         tune(settings)

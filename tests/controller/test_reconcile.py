@@ -104,6 +104,36 @@ def test_controller_command_options() -> None:
     assert "--all-namespaces" in result.output and "--metrics-port" in result.output
     clash = runner.invoke(cli, ["controller", "-n", "ml", "--all-namespaces"])
     assert clash.exit_code == 2 and "exclude each other" in clash.output
+    assert "--job-kind" in result.output
+    unknown = runner.invoke(cli, ["controller", "--job-kind", "mpijob"])
+    assert unknown.exit_code == 2 and "'mpijob' is not one of" in unknown.output
+
+
+def test_job_children_name_their_controller_owner_and_their_echo_is_in_sync() -> None:
+    obj = _obj(job={"target": "rayjob", "image": "img:1", "command": ["python", "t.py"]})
+    want = rc.desired(obj)
+    assert isinstance(want, rc.Desired)
+    (job,) = [c for c in want.children if c["kind"] == "RayJob"]
+    assert rc.controller_owner(job) == "demo"
+    # As the server stores it: defaulted spec, server metadata, a status; still the echo of our apply.
+    stored = copy.deepcopy(job)
+    stored["spec"]["shutdownAfterJobFinishes"] = False
+    stored["metadata"].update(uid="u-2", resourceVersion="7")
+    stored["status"] = {"jobStatus": "RUNNING"}
+    wanted = rc.managed_metadata(job)
+    assert set(wanted["metadata"]) == {"name", "labels", "annotations", "ownerReferences"}
+    assert rc.in_sync(stored, wanted)
+    stored["metadata"]["annotations"][rc.CONTENT_HASH_ANNOTATION] = "sha256:edited"
+    assert not rc.in_sync(stored, wanted)
+    # Not ours: no controller reference, or one to another kind or API group.
+    ref = job["metadata"]["ownerReferences"][0]
+    for refs in (
+        [],
+        [{**ref, "controller": False}],
+        [{**ref, "kind": "Deployment", "apiVersion": "apps/v1"}],
+        [{**ref, "apiVersion": "example.com/v1alpha1"}],
+    ):
+        assert rc.controller_owner({"metadata": {"ownerReferences": refs}}) is None
 
 
 def test_metrics_endpoint_serves_the_counters() -> None:

@@ -99,22 +99,23 @@ The controller's RBAC rules: only the verbs it uses, no wildcards, no Secrets.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- /* The owned job: read, then server-side applied (create on first apply). */}}
+{{- /* The owned job: read, server-side applied (create on first apply), and watched (the
+controller runs with --job-kind for each) so that a changed or deleted job is re-applied. */}}
 {{- if .Values.jobs.enabled }}
 {{- if has "rayjob" .Values.jobs.targets }}
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 {{- end }}
 {{- if has "pytorchjob" .Values.jobs.targets }}
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 {{- end }}
 {{- if has "trainjob" .Values.jobs.targets }}
 - apiGroups: ["trainer.kubeflow.org"]
   resources: ["trainjobs"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 {{- end }}
 {{- end }}
 {{- end }}
