@@ -241,7 +241,7 @@ class TrainingConfig(BaseModel):
         sp = data.get("sequence_parallel_degree")
         cp = data.get("context_parallel_size")
         if sp is not None:
-            if cp is not None and cp != sp:
+            if cp is not None and _lax_int(cp) != _lax_int(sp):
                 raise ConfigError(
                     "sequence_parallel_degree",
                     f"{sp!r} conflicts with context_parallel_size {cp!r}",
@@ -541,7 +541,31 @@ def parse_yaml(text: str) -> Any:
         raise ConfigError("config", "YAML nesting is too deep") from None
     if data is None:
         raise ConfigError("config", "is empty")
+    _check_size(data)
     return data
+
+
+MAX_CONFIG_VALUES = 100_000
+
+
+def _check_size(data: Any) -> None:
+    """Refuse YAML whose aliases expand to a huge document ("billion laughs"): a few hundred
+    bytes can name 10^9 values, which every later walk (validation, hashing) would visit."""
+    seen = 0
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                "config",
+                f"expands to more than {MAX_CONFIG_VALUES} values",
+                "YAML aliases that repeat large sections are not supported; write the values out",
+            )
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _from_pydantic(exc: ValidationError) -> ConfigError:

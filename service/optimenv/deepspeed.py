@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +64,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         }
     ),
     "zero3": _preset(dict(_ZERO3_COMMON)),
+    # With offload, DeepSpeed insists on its own CPU optimizer unless told otherwise
+    # (zero_force_ds_cpu_optimizer, default true): the optimizer users pass through
+    # accelerator.prepare or the HF Trainer (torch AdamW) would be refused at deepspeed.initialize.
     "zero3_offload_params": _preset(
         {**_ZERO3_COMMON, "offload_param": dict(_CPU_PINNED)},
+        zero_allow_untested_optimizer=True,
         zero_force_ds_cpu_optimizer=False,
     ),
     "zero3_offload_all": _preset(
         {**_ZERO3_COMMON, "offload_param": dict(_CPU_PINNED), "offload_optimizer": dict(_CPU_PINNED)},
         zero_allow_untested_optimizer=True,
+        zero_force_ds_cpu_optimizer=False,
     ),
 }
 
@@ -89,6 +95,8 @@ def check_json(value: Any, field: str = "deepspeed") -> None:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             check_json(item, f"{field}[{index}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(field, f"{value!r} is not a JSON number", "use a finite number")
     elif not (value is None or isinstance(value, str | int | float)):
         raise ConfigError(field, f"{type(value).__name__} {value!r} is not a JSON value", "quote it")
 
@@ -118,6 +126,8 @@ def load_file(
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise ConfigError(field, f"DeepSpeed file {str(path)!r} is not valid JSON: {exc}") from None
+            if isinstance(data, dict):
+                check_json(data, field)
             if not isinstance(data, dict):
                 raise ConfigError(field, f"DeepSpeed file {str(path)!r} must hold a JSON object")
             return path, data
@@ -147,7 +157,7 @@ def zero_stage(ds: dict[str, Any], field: str = "deepspeed") -> int | None:
         return None
     if isinstance(stage, bool):
         raise ConfigError(f"{field}.zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
-    if isinstance(stage, str) and stage.strip().isdigit():
+    if isinstance(stage, str) and stage.strip().isascii() and stage.strip().isdecimal():
         stage = int(stage.strip())
     if not isinstance(stage, int) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"{field}.zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")

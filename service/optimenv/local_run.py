@@ -97,6 +97,7 @@ def build_report(result: Plan, reports: list[Any], timings: Timings, use_gpu: bo
             }
         )
     return {
+        "planned": sorted(result.env_dict),
         "workers": workers,
         "device": "gpu" if use_gpu else "cpu",
         "timings": {
@@ -118,7 +119,11 @@ def report_text(report: dict[str, Any]) -> str:
         lines.append(f"  effective  {eff['mode']}, mixed precision {eff['mixed_precision']}")
         for note in w["differences"]:
             lines.append(f"  NOTE       {note}")
-        lines.append(f"  applied    {len(w['applied'])} variables from the plan")
+        planned = sum(1 for name in w["applied"] if name in report["planned"])
+        lines.append(
+            f"  applied    {len(w['applied'])} variables: {planned} from the plan, "
+            f"{len(w['applied']) - planned} decided on the worker"
+        )
         for d in w["decisions"]:
             value = (
                 f"{d['variable']}={d['value']}" if d.get("variable") and d.get("value") is not None else "-"

@@ -8,7 +8,10 @@ the worker can know is returned as ``deferred`` steps for the bootstrap, never g
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from optimenv import deepspeed as ds
@@ -29,6 +32,9 @@ SINGLE_GPU_DEFAULTS = {
 }
 
 
+_TORCH_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?([.+a-zA-Z0-9]*)$")
+
+
 @dataclass(frozen=True)
 class Hardware:
     """What is known of the target; ``None`` means unknown, and the worker decides."""
@@ -44,6 +50,12 @@ class Hardware:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"hardware.{name}", f"must be a whole number >= 1, got {value!r}")
+        version = self.torch_version
+        if version is not None and not _TORCH_VERSION.match(version):
+            # An unparsable version would compare below every minimum and silently drop settings.
+            raise ConfigError(
+                "hardware.torch_version", f"must look like 2.6.0 (major.minor[.patch]), got {version!r}"
+            )
 
     @property
     def world_size(self) -> int | None:
@@ -100,7 +112,6 @@ class Plan:
     warnings: tuple[str, ...]
     fsdp_version: int | None = None
     mixed_precision: str | None = None
-    _json: str = field(default="", repr=False, compare=False)
 
     @property
     def env_dict(self) -> dict[str, str]:
@@ -166,7 +177,8 @@ def plan(
     elif config.fsdp_config is not None:
         # D6: Axolotl treats an empty mapping as "no FSDP"; we agree, but say so.
         b.warnings.append(
-            "fsdp_config: empty, so FSDP stays off (as in Axolotl); add fsdp_version: 2 to turn it on"
+            "fsdp_config: empty, so FSDP stays off (as in Axolotl); add a key inside it "
+            "(e.g. fsdp_config.fsdp_version: 2) to turn it on"
         )
 
     _parallelism(config, hw, b)
@@ -388,21 +400,62 @@ def _parallelism(config: TrainingConfig, hw: Hardware, b: _Builder) -> None:
             )
     if enabled:
         b.set("ACCELERATE_USE_PARALLELISM_CONFIG", "true", _first_parallel_source(b))
-    product = (
-        (config.tensor_parallel_size or 1)
-        * (config.dp_shard_size or 1)
-        * (config.dp_replicate_size or 1)
-        * cp
-    )
-    world = hw.world_size
-    if world is not None and world % product:
-        raise ConfigError(
-            "dp_shard_size" if (config.dp_shard_size or 1) > 1 else "tensor_parallel_size",
-            f"the parallelism sizes multiply to {product}, which does not divide the "
-            f"{world} GPUs ({hw.nodes} node(s) x {hw.gpus_per_node})",
-            "make tensor_parallel_size x dp_shard_size x dp_replicate_size x context_parallel_size "
-            "divide the GPU count",
+    if hw.world_size is not None:
+        check_world_size(
+            {v.name: v.value for v in b.env.values()},
+            {v.name: v.source for v in b.env.values()},
+            hw.world_size,
+            f"{hw.nodes} node(s) x {hw.gpus_per_node}",
         )
+
+
+#: ``PARALLELISM_CONFIG_<X>_SIZE`` suffix -> the config field that sets it.
+_SIZE_FIELDS = (
+    ("TP", "tensor_parallel_size"),
+    ("DP_SHARD", "dp_shard_size"),
+    ("DP_REPLICATE", "dp_replicate_size"),
+    ("CP", "context_parallel_size"),
+    ("EP", "expert_parallel_size"),
+)
+
+
+def check_world_size(env: Mapping[str, str], sources: Mapping[str, str], world: int, what: str) -> None:
+    """With the flag set the sizes must multiply to exactly ``world`` processes (C28).
+
+    Accelerate checks this when it builds ``ParallelismConfig`` (``parallelism_config.py:370-377``);
+    its one exemption, DeepSpeed sequence parallelism (``PARALLELISM_CONFIG_SP_SIZE``), is never
+    planned. EP counts because Axolotl's patch, the only reader of ``PARALLELISM_CONFIG_EP_SIZE``,
+    multiplies it into the total. Without the flag no ``ParallelismConfig`` is built.
+    """
+    if env.get("ACCELERATE_USE_PARALLELISM_CONFIG") != "true":
+        return
+    sizes = {var: int(env.get(f"PARALLELISM_CONFIG_{var}_SIZE", "1")) for var, _ in _SIZE_FIELDS}
+    product = math.prod(sizes.values())
+    if product == world:
+        return
+    fields = dict(_SIZE_FIELDS)
+    # Data parallelism (dp_shard) is the usual knob; then the sizes the config set, in Axolotl's order.
+    candidates = ["DP_SHARD", *(var for var, _ in _SIZE_FIELDS if var != "DP_SHARD" and sizes[var] > 1)]
+    first = next(var for var in candidates[1:] + candidates[:1] if sizes[var] > 1)
+    message = (
+        f"the parallelism sizes multiply to {product}, but Accelerate needs them to equal the "
+        f"{world} processes ({what})"
+    )
+    for var in candidates:
+        rest = product // sizes[var]
+        if world % rest == 0:
+            field_name = sources.get(f"PARALLELISM_CONFIG_{var}_SIZE", fields[var])
+            raise ConfigError(
+                field_name,
+                message,
+                f"set {field_name} to {world // rest} so the sizes multiply to the {world} GPUs",
+            )
+    raise ConfigError(
+        sources.get(f"PARALLELISM_CONFIG_{first}_SIZE", fields[first]),
+        message,
+        "make tensor_parallel_size x dp_shard_size x dp_replicate_size x context_parallel_size "
+        f"(x expert_parallel_size) equal {world}",
+    )
 
 
 def _first_parallel_source(b: _Builder) -> str:

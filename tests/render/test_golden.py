@@ -22,16 +22,23 @@ EXAMPLE_NAMES = sorted(p.stem for p in EXAMPLES.glob("*.yaml"))
 MANIFESTS = REPO / "manifests" / "examples"
 # The user-facing examples: FSDP2, HSDP and ZeRO-3 on 2 nodes x 4 GPUs, for each target.
 MANIFEST_EXAMPLES = ("fsdp2-gpu", "parallel-gpu", "zero3-gpu")
+# HSDP 2x2 needs exactly 4 processes (C28): 2 nodes x 2 GPUs.
+TOPOLOGY = {"parallel-gpu": (2, 2)}
+
+
+def _topology(example: str) -> tuple[int, int]:
+    return TOPOLOGY.get(example, (2, 4))
 
 
 def _options(example: str) -> JobOptions:
+    nodes, gpus = _topology(example)
     return JobOptions(
         name=f"ft-{example}",
         namespace="ml",
         image="registry.example.com/train:1.0",
         command=("python", "train.py", "--config", "/workspace/config.yaml"),
-        nodes=2,
-        gpus_per_node=4,
+        nodes=nodes,
+        gpus_per_node=gpus,
         service_account="trainer",
         node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
         tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
@@ -50,7 +57,7 @@ def _compare(path: Path, text: str) -> None:
 
 @pytest.mark.parametrize("example", EXAMPLE_NAMES)
 def test_golden(example: str, validator: Validator) -> None:
-    result = plan_example(example, 2, 4)
+    result = plan_example(example, *_topology(example))
     for target in TARGETS:
         objects = render(result, target, _options(example))
         validator.validate_all(objects)
@@ -68,6 +75,7 @@ def test_manifests_examples_match_the_cli(
 ) -> None:
     """``manifests/examples`` is exactly what the documented CLI line prints."""
     monkeypatch.chdir(REPO)
+    nodes, gpus = _topology(example)
     for target in TARGETS:
         argv = [
             "render",
@@ -77,9 +85,9 @@ def test_manifests_examples_match_the_cli(
             "--name",
             example,
             "--nodes",
-            "2",
+            str(nodes),
             "--gpus-per-node",
-            "4",
+            str(gpus),
         ]
         if target != "configmaps":
             argv += ["--image", "ghcr.io/example/train:latest", "--", "python", "train.py"]

@@ -72,6 +72,7 @@ def test_a_failing_script_surfaces_its_traceback_and_exit_code(
     script = tmp_path / "fails.py"
     script.write_text(
         "import os, sys\n"
+        "print('a print of the script')  # must not reach the driver's stdout (data only)\n"
         "if os.environ['RANK'] == '1':\n"
         "    raise ValueError('boom from rank 1')\n"
         "sys.exit(0)\n"
@@ -88,6 +89,7 @@ def test_a_failing_script_surfaces_its_traceback_and_exit_code(
     assert "ValueError: boom from rank 1" in proc.stderr
     assert "--- worker 1 (exit 1) ---" in proc.stderr
     assert proc.stdout == ""
+    assert "a print of the script" in proc.stderr
 
 
 def test_a_missing_script_is_refused_before_ray_starts(repo: Path) -> None:

@@ -190,6 +190,10 @@ def load_spec(spec: SpecArg, environ: Mapping[str, str]) -> tuple[dict[str, Any]
         ) from None
     except OSError as exc:
         raise SpecError(f"spec: cannot read {path} (from {origin}): {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SpecError(
+            f"spec: {path} (from {origin}) is not UTF-8 text; render it again with optimenv"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -334,6 +338,10 @@ def _check_deepspeed(doc: Mapping[str, Any], override: str | None) -> str | None
         ) from None
     except OSError as exc:
         raise BootstrapError(f"deepspeed: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise BootstrapError(
+            f"deepspeed: {path} is not UTF-8 text; mount the DeepSpeed ConfigMap rendered with this spec"
+        ) from None
     try:
         on_disk = json.loads(text)
     except json.JSONDecodeError as exc:

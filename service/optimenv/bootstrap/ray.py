@@ -236,6 +236,10 @@ def _train_loop(config: dict[str, Any]) -> None:
         final["applied"] = applied.to_dict()
         if os.path.isdir(config["cwd"]):
             os.chdir(config["cwd"])  # like running the script from the driver's directory
+        # The driver's stdout carries data only (reports, JSON): the script's prints go to stderr,
+        # which Ray forwards to the driver's stderr.
+        sys.stdout.flush()
+        os.dup2(2, 1)
         sys.argv = [config["target"], *config["args"]]
         try:
             if config["module"]:

@@ -9,7 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 from optimenv.errors import ConfigError, OptimEnvError
-from optimenv.plan import Plan
+from optimenv.plan import Plan, check_world_size
 from optimenv.spec import POLICIES, Policy, build_spec, content_hash, deepspeed_text, spec_text
 
 TARGETS = ("rayjob", "pytorchjob", "trainjob", "configmaps")
@@ -224,22 +224,8 @@ def check_plan_env(plan: Plan) -> None:
 
 
 def check_parallelism(plan: Plan, world: int, what: str) -> None:
-    """The parallel sizes must divide the processes the job starts (the planner checks known hardware)."""
-    env = plan.env_dict
-    product = 1
-    first: str | None = None
-    for var in ("TP", "DP_SHARD", "DP_REPLICATE", "CP"):
-        value = env.get(f"PARALLELISM_CONFIG_{var}_SIZE")
-        if value is not None:
-            product *= int(value)
-            first = first or plan.sources[f"PARALLELISM_CONFIG_{var}_SIZE"]
-    if first is not None and world % product:
-        raise ConfigError(
-            first,
-            f"the parallelism sizes multiply to {product}, which does not divide the {world} GPUs of {what}",
-            "make tensor_parallel_size x dp_shard_size x dp_replicate_size x context_parallel_size "
-            "divide --nodes x --gpus-per-node",
-        )
+    """The parallel sizes must multiply to the processes the job starts, as for known hardware (C28)."""
+    check_world_size(plan.env_dict, plan.sources, world, what)
 
 
 @dataclass(frozen=True)
@@ -257,8 +243,20 @@ class ConfigMaps:
 
 def configmaps(plan: Plan, options: JobOptions) -> ConfigMaps:
     check_plan_env(plan)
-    if plan.deepspeed_path is not None and plan.deepspeed_path == SPEC_PATH:
-        raise ConfigError("deepspeed_path", f"must differ from the spec path {SPEC_PATH}")
+    ds_path = plan.deepspeed_path
+    if ds_path is not None and (
+        ds_path.endswith("/")
+        or ds_path in (SPEC_PATH, "/dev/shm")
+        or SPEC_PATH.startswith(ds_path + "/")
+        or ds_path.startswith((SPEC_PATH + "/", "/dev/shm/"))
+    ):
+        # Both files are mounted one by one (subPath): neither may sit inside the other, nor in
+        # the memory-backed /dev/shm volume.
+        raise ConfigError(
+            "deepspeed_path",
+            f"{ds_path!r} collides with the spec file {SPEC_PATH} or /dev/shm",
+            "give a file path such as /etc/optimenv/deepspeed.json",
+        )
     objects: list[dict[str, Any]] = []
     env_data = {v.name: v.value for v in sorted(plan.env, key=lambda v: v.name)}
     objects.append(_configmap(options, "env", env_data))

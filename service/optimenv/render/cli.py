@@ -137,10 +137,14 @@ def render_command(
         spec_policy=spec_policy,
     )
     cfg = read_config(config)
-    result = plan(cfg, hardware_from(kwargs), deepspeed_path=kwargs["deepspeed_path"])
+    hardware = hardware_from(kwargs)
+    if target == "rayjob" and "ray_num_workers" in cfg.model_fields_set:
+        options = dataclasses.replace(options, ray_workers=cfg.ray_num_workers)
+        if cfg.ray_num_workers <= options.nodes * options.gpus_per_node:
+            # The Ray Train workers are the processes (C28); more than the GPUs is refused by render.
+            hardware = dataclasses.replace(hardware, nodes=1, gpus_per_node=cfg.ray_num_workers)
+    result = plan(cfg, hardware, deepspeed_path=kwargs["deepspeed_path"])
     if target == "rayjob":
-        if "ray_num_workers" in cfg.model_fields_set:
-            options = dataclasses.replace(options, ray_workers=cfg.ray_num_workers)
         if cfg.resources_per_worker.get("GPU", 1.0) != 1.0:
             click.echo("warning: resources_per_worker: each Ray Train worker gets one GPU here", err=True)
     objects = render(result, target, options)
