@@ -9,10 +9,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 # Only what the package build needs: the controller image carries no torch, Ray or DeepSpeed.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements-test.txt ./
 COPY service ./service
 COPY operators ./operators
-RUN pip install --no-cache-dir ".[controller]" \
+# The test pins double as constraints: the image gets the kopf / lightkube / httpx2 the tests ran.
+RUN pip install --no-cache-dir -c requirements-test.txt ".[controller]" \
     && rm -rf /src
 
 # A numeric non-root user, so the pod's runAsNonRoot can be verified; the chart's runAsUser matches.

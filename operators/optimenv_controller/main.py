@@ -78,7 +78,7 @@ async def run(
 @click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
-    default=8000,
+    default=9090,
     show_default=True,
     help="/metrics port; 0 = off.",
 )

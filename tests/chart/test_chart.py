@@ -37,7 +37,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "watch": {"allNamespaces": True},
         "jobs": {"targets": ["pytorchjob", "trainjob"]},
         "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}},
-        "controller": {"verbose": True, "extraArgs": ["--debug-extra"]},
+        "controller": {"verbose": True, "extraArgs": ["--job-kind=rayjob"]},
         "metrics": {"port": 9100, "service": {"type": "NodePort", "port": 9101, "annotations": {"a": "b"}}},
         "health": {"port": 8081},
         "podSecurityContext": {"runAsUser": 2000, "runAsGroup": 2000, "fsGroup": 2000},
@@ -246,7 +246,7 @@ def test_non_default_deployment(render: Render) -> None:
         "--health-port=8081",
         "--metrics-port=9100",
         "--verbose",
-        "--debug-extra",
+        "--job-kind=rayjob",
     ]
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"health": 8081, "metrics": 9100}
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
@@ -486,3 +486,10 @@ def test_plain_rbac_manifests(repo: Path, name: str) -> None:
     role_kind = "Role" if name == "namespaced.yaml" else "ClusterRole"
     assert [d["kind"] for d in docs] == ["ServiceAccount", role_kind, f"{role_kind}Binding"]
     assert docs[1]["rules"] == _expected_rules(["rayjob", "pytorchjob", "trainjob"])
+
+
+def test_metrics_and_health_on_one_port_is_refused(render_raw: Any) -> None:
+    # Both servers would bind the same port and the controller would crash-loop.
+    with pytest.raises(Exception, match=r"metrics.port and health.port must differ"):
+        render_raw({"metrics": {"port": 8080}, "health": {"port": 8080}})
+    assert render_raw({"metrics": {"enabled": False, "port": 8080}, "health": {"port": 8080}})
