@@ -12,8 +12,10 @@ WORKDIR /src
 COPY pyproject.toml README.md requirements-test.txt ./
 COPY service ./service
 COPY operators ./operators
-# The test pins double as constraints: the image gets the kopf / lightkube / httpx2 the tests ran.
-RUN pip install --no-cache-dir -c requirements-test.txt ".[controller]" \
+# The test pins double as constraints (pip refuses extras there, hence the grep): the image gets
+# the kopf / lightkube / httpx2 / pydantic versions the tests ran.
+RUN grep -v '\[' requirements-test.txt > /tmp/constraints.txt \
+    && pip install --no-cache-dir -c /tmp/constraints.txt ".[controller]" \
     && rm -rf /src
 
 # A numeric non-root user, so the pod's runAsNonRoot can be verified; the chart's runAsUser matches.

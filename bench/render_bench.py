@@ -23,15 +23,12 @@ from optimenv.render import TARGETS, JobOptions, render
 from optimenv.render.cli import to_yaml
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-HARDWARE = Hardware(nodes=2, gpus_per_node=8, bf16_supported=True)
-CASES = {"FSDP2": "fsdp2-gpu.yaml", "ZeRO-3": "zero3-gpu.yaml", "HSDP 2x2": "parallel-gpu.yaml"}
-OPTIONS = JobOptions(
-    name="ft",
-    image="registry.example.com/train:1.0",
-    command=("python", "train.py"),
-    nodes=2,
-    gpus_per_node=8,
-)
+# Example -> (nodes, GPUs per node); HSDP 2x2 needs exactly 4 processes.
+CASES = {
+    "FSDP2": ("fsdp2-gpu.yaml", 2, 8),
+    "ZeRO-3": ("zero3-gpu.yaml", 2, 8),
+    "HSDP 2x2": ("parallel-gpu.yaml", 2, 2),
+}
 
 
 def main() -> None:
@@ -41,16 +38,27 @@ def main() -> None:
     args = parser.parse_args()
 
     rows: list[tuple[str, float, float, float]] = []
-    for name, file in CASES.items():
+    for name, (file, nodes, gpus) in CASES.items():
+        hardware = Hardware(nodes=nodes, gpus_per_node=gpus, bf16_supported=True)
+        options = JobOptions(
+            name="ft",
+            image="registry.example.com/train:1.0",
+            command=("python", "train.py"),
+            nodes=nodes,
+            gpus_per_node=gpus,
+        )
         config = parse_config(yaml.safe_load((EXAMPLES / file).read_text()), base_dirs=(EXAMPLES,))
-        planned = plan(config, HARDWARE)
+        planned = plan(config, hardware)
         timed: dict[str, tuple[Callable[[], object], int]] = {
-            "plan() (baseline)": (lambda c=config: plan(c, HARDWARE), args.number),
+            "plan() (baseline)": (lambda c=config, h=hardware: plan(c, h), args.number),
         }
         for target in TARGETS:
-            render(planned, target, OPTIONS)  # warm
-            timed[f"render {target}"] = (lambda t=target, p=planned: render(p, t, OPTIONS), args.number)
-        objects = render(planned, "trainjob", OPTIONS)
+            render(planned, target, options)  # warm
+            timed[f"render {target}"] = (
+                lambda t=target, p=planned, o=options: render(p, t, o),
+                args.number,
+            )
+        objects = render(planned, "trainjob", options)
         timed["to_yaml(trainjob objects)"] = (lambda o=objects: to_yaml(o), max(args.number // 10, 1))
         rows += time_cases(name, timed, args.repeat)
 

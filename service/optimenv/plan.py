@@ -434,9 +434,14 @@ def check_world_size(env: Mapping[str, str], sources: Mapping[str, str], world: 
     if product == world:
         return
     fields = dict(_SIZE_FIELDS)
-    # Data parallelism (dp_shard) is the usual knob; then the sizes the config set, in Axolotl's order.
-    candidates = ["DP_SHARD", *(var for var, _ in _SIZE_FIELDS if var != "DP_SHARD" and sizes[var] > 1)]
-    first = next(var for var in candidates[1:] + candidates[:1] if sizes[var] > 1)
+    # Data parallelism (dp_shard) is the usual knob, unless DeepSpeed shards and none was asked for;
+    # then the sizes the config set, in Axolotl's order.
+    deepspeed = env.get("ACCELERATE_USE_DEEPSPEED") == "true" and sizes["DP_SHARD"] == 1
+    candidates = [
+        *(["DP_SHARD"] if not deepspeed else []),
+        *(var for var, _ in _SIZE_FIELDS if var != "DP_SHARD" and sizes[var] > 1),
+    ]
+    first = next(var for var, _ in _SIZE_FIELDS if sizes[var] > 1)
     message = (
         f"the parallelism sizes multiply to {product}, but Accelerate needs them to equal the "
         f"{world} processes ({what})"

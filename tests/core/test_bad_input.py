@@ -225,7 +225,14 @@ CASES = [
         "dp-shard-not-dividing",
         FSDP2 + "dp_shard_size: 3\n",
         "dp_shard_size",
-        "divide the GPU count",
+        "set dp_shard_size to 4",
+        options=("--nodes", "1", "--gpus-per-node", "4"),
+    ),
+    Case(
+        "dp-shard-dividing-but-not-equal",
+        FSDP2 + "dp_shard_size: 2\n",
+        "dp_shard_size",
+        "set dp_shard_size to 4 so the sizes multiply to the 4 GPUs",
         options=("--nodes", "1", "--gpus-per-node", "4"),
     ),
     Case(

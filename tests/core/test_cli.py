@@ -210,7 +210,10 @@ def test_hardware_options_change_the_plan(cli: Any) -> None:
     parallel = EXAMPLES / "parallel-gpu.yaml"
     assert cli("plan", parallel, "--nodes", "1", "--gpus-per-node", "4").code == 0
     refused = cli("plan", parallel, "--nodes", "1", "--gpus-per-node", "6")
-    assert refused.code == 1 and "does not divide the 6 GPUs" in refused.err
+    assert refused.code == 1 and "multiply to 4, but Accelerate needs them to equal the 6" in refused.err
+    # 4 divides 8, but Accelerate needs exactly 4 processes (C28).
+    refused = cli("plan", parallel, "--nodes", "2", "--gpus-per-node", "4")
+    assert refused.code == 1 and "(set dp_shard_size to 4 so the sizes multiply to the 8 GPUs)" in refused.err
 
 
 def _readme_sample() -> tuple[str, str]:

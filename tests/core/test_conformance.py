@@ -28,6 +28,9 @@ HW = Hardware(nodes=1, gpus_per_node=8, bf16_supported=True, torch_version="2.13
 HW_NO_BF16 = Hardware(nodes=1, gpus_per_node=8, bf16_supported=False, torch_version="2.13.0")
 HW_UNKNOWN = Hardware()
 HW_ONE_GPU = Hardware(nodes=1, gpus_per_node=1, bf16_supported=True, torch_version="2.13.0")
+# Parallel sizes must multiply to exactly the process count (C28).
+HW_2 = Hardware(nodes=1, gpus_per_node=2, bf16_supported=True, torch_version="2.13.0")
+HW_4 = Hardware(nodes=1, gpus_per_node=4, bf16_supported=True, torch_version="2.13.0")
 HW_FP8 = Hardware(nodes=1, gpus_per_node=8, bf16_supported=True, fp8_supported=True, torch_version="2.13.0")
 HW_NO_FP8 = Hardware(nodes=1, gpus_per_node=8, bf16_supported=True, fp8_supported=False)
 
@@ -987,6 +990,7 @@ add(
             "zero_optimization": {"stage": 2, "gather_16bit_weights_on_model_save": True},
             "tensor_parallel": {"autotp_size": 2},
         },
+        hw=HW_2,
     ),
     Case(
         "s2.3-deepcompile-rewrite",
@@ -1083,6 +1087,7 @@ add(
             (USE_PC, "true", "tensor_parallel_size"),
             MP_BF16,
         ),
+        hw=HW_2,
     ),
     Case("s2.4-tp-1-nothing", "ref §2.4: > 1", {"tensor_parallel_size": 1, "dp_shard_size": 1}, (MP_BF16,)),
     Case(
@@ -1094,6 +1099,7 @@ add(
             (USE_PC, "true", "dp_shard_size"),
             MP_BF16,
         ),
+        hw=HW_4,
     ),
     Case(
         "s2.4-dp_replicate",
@@ -1104,6 +1110,7 @@ add(
             (USE_PC, "true", "dp_replicate_size"),
             MP_BF16,
         ),
+        hw=HW_2,
     ),
     Case(
         "s2.4-cp",
@@ -1115,6 +1122,7 @@ add(
             (USE_PC, "true", "context_parallel_size"),
             MP_BF16,
         ),
+        hw=HW_2,
     ),
     Case(
         "s2.4-sequence_parallel_degree-migrated-C24",
@@ -1127,6 +1135,7 @@ add(
             MP_BF16,
         ),
         warnings=("sequence_parallel_degree: deprecated",),
+        hw=HW_4,
     ),
     Case(
         "s2.4-sequence_parallel_degree-conflict",
@@ -1172,7 +1181,7 @@ add(
             (USE_PC, "true", "tensor_parallel_size"),
             MP_BF16,
         ),
-        hw=Hardware(nodes=2, gpus_per_node=8, bf16_supported=True, torch_version="2.13.0"),
+        hw=Hardware(nodes=4, gpus_per_node=8, bf16_supported=True, torch_version="2.13.0"),
     ),
     Case(
         "s2.4-with-fsdp2-after-fsdp-block",
@@ -1183,12 +1192,31 @@ add(
             ("PARALLELISM_CONFIG_TP_SIZE", "2", "tensor_parallel_size"),
             (USE_PC, "true", "tensor_parallel_size"),
         ),
+        hw=HW_2,
     ),
     Case(
-        "s2.4-sizes-must-divide-gpus-C20",
+        "s2.4-sizes-must-equal-processes-C28",
         "accelerate-env §1.7: product must match the process count",
         {"tensor_parallel_size": 3},
         error="tensor_parallel_size",
+    ),
+    Case(
+        "s2.4-sizes-dividing-is-not-enough-C28",
+        "accelerate parallelism_config.py:370-377",
+        {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}, "dp_shard_size": 2},
+        error="dp_shard_size",
+    ),
+    Case(
+        "s2.4-deepspeed-cp-is-not-exempt-C28",
+        "accelerate exempts only PARALLELISM_CONFIG_SP_SIZE, which Axolotl never sets",
+        {"deepspeed": {"zero_optimization": {"stage": 3}}, "context_parallel_size": 4},
+        error="context_parallel_size",
+    ),
+    Case(
+        "s2.4-ep-counts-with-the-flag-C28",
+        "Axolotl's EP patch multiplies ep_size into total_size",
+        {"expert_parallel_size": 2, "dp_shard_size": 2},
+        error="dp_shard_size",
     ),
     Case("s2.4-size-zero-rejected-C19", "C19", {"dp_shard_size": 0}, error="dp_shard_size"),
 )
@@ -1511,6 +1539,6 @@ def test_plan_is_deterministic_and_does_not_mutate_the_config(corpus: Path) -> N
         {"deepspeed": {"zero_optimization": {"stage": "3"}}, "tensor_parallel_size": 2}, base_dirs=(corpus,)
     )
     before = config.deepspeed_json
-    first, second = plan(config, HW), plan(config, HW)
+    first, second = plan(config, HW_2), plan(config, HW_2)
     assert first == second and first.to_json() == second.to_json()
     assert config.deepspeed_json == before == {"zero_optimization": {"stage": "3"}}

@@ -138,10 +138,31 @@ def _c14(ex: Example, d: Diff) -> bool:
     )
 
 
+def _c28(ex: Example) -> bool:
+    """We refuse because the parallel sizes do not multiply to the 16 processes Accelerate will see."""
+    cfg = ex.config
+    if ex.error is None or cfg is None:
+        return False
+    sizes = {
+        "tensor_parallel_size": cfg.tensor_parallel_size or 1,
+        "dp_shard_size": cfg.dp_shard_size or 1,
+        "dp_replicate_size": cfg.dp_replicate_size or 1,
+        "context_parallel_size": cfg.context_parallel_size or 1,
+    }
+    if sizes["dp_shard_size"] > 1:  # only then does EP join Accelerate's ParallelismConfig (C24)
+        sizes["expert_parallel_size"] = cfg.expert_parallel_size or 1
+    product = 1
+    for size in sizes.values():
+        product *= size
+    world = HARDWARE.world_size
+    return product > 1 and product != world and ex.error.field in sizes
+
+
 ENV_RULES: dict[str, Rule] = {"C1": _c1, "C2": _c2, "C3": _c3, "C4": _c4, "C6": _c6, "C13": _c13, "C14": _c14}
 # Not per-variable: C11 (ACCELERATE_DEEPSPEED_CONFIG_FILE compared by JSON), C12 (string stage in the
-# JSON), C23 (AutoTP / DeepCompile rewrites in the JSON), C18 (Axolotl error on a field we do not own).
-ALL_RULES = (*ENV_RULES, "C11", "C12", "C18", "C23")
+# JSON), C23 (AutoTP / DeepCompile rewrites in the JSON), C18 (Axolotl error on a field we do not own),
+# C28 (we refuse parallel sizes whose product is not the process count).
+ALL_RULES = (*ENV_RULES, "C11", "C12", "C18", "C23", "C28")
 
 
 def _lines(corpus: Path) -> list[dict[str, Any]]:
@@ -205,7 +226,9 @@ def _classify(ex: Example, corpus: Path) -> tuple[set[str], list[str]]:
     theirs_error = line["error"]
     if theirs_error is not None:
         message = theirs_error["message"]
-        if ex.error is not None:
+        if _c28(ex):
+            used.add("C28")  # and Axolotl's own reason is classified below
+        elif ex.error is not None:
             want = next((f for s, f in SAME_ERROR.items() if s in message), None)
             if want != ex.error.field:
                 unexplained.append(f"both reject, for different reasons: ours {ex.error}; Axolotl {message}")
@@ -218,6 +241,8 @@ def _classify(ex: Example, corpus: Path) -> tuple[set[str], list[str]]:
             unexplained.append(f"Axolotl rejects it, we plan it: {message}")
         return used, unexplained
     if ex.error is not None:
+        if _c28(ex) and line["env"].get("ACCELERATE_USE_PARALLELISM_CONFIG") == "true":
+            return {"C28"}, []
         return used, [f"we reject what Axolotl accepts: {ex.error}"]
     assert ex.result is not None
     ours = ex.result.env_dict
@@ -289,6 +314,12 @@ def test_known_differences(corpus: Path, examples: dict[str, Example]) -> None:
     for ex in examples.values():
         for rid in _classify(ex, corpus)[0]:
             used[rid] = used.get(rid, 0) + 1
-    assert set(used) == {"C1", "C2", "C11", "C18"}, used
+    assert set(used) == {"C1", "C2", "C11", "C18", "C28"}, used
     assert used["C18"] == 1  # the fractional warmup_steps of the expert-parallel example
-    assert used["C11"] == sum(1 for ex in examples.values() if ex.line["deepspeed"] is not None)
+    # Both ALST examples (CP 8), qwen3-8b-fsdp-tp-cp (2x2x2) and the expert-parallel one (EP 2 x
+    # dp_shard 2) multiply to less than the 16 processes.
+    assert used["C28"] == 4
+    planned_ds = [
+        ex for ex in examples.values() if ex.line["deepspeed"] is not None and ex.result is not None
+    ]
+    assert used["C11"] == len(planned_ds) == 8

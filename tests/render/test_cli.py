@@ -107,6 +107,21 @@ def test_rayjob_takes_ray_num_workers_from_the_config(
     assert "--workers 3 -- t.py" in json.loads(out)["items"][-1]["spec"]["entrypoint"]
 
 
+def test_rayjob_plans_for_its_ray_workers(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """C28: 4 Ray Train workers on 8 GPUs are 4 processes, so dp_shard_size 4 fits the RayJob only."""
+    cfg = tmp_path / "ray.yaml"
+    cfg.write_text(
+        "bf16: true\nuse_ray: true\nray_num_workers: 4\ndp_shard_size: 4\nfsdp_version: 2\n"
+        "fsdp_config:\n  reshard_after_forward: true\n"
+    )
+    common = ("--name", "r", "--image", "i", "--nodes", "2", "--gpus-per-node", "4", "--", "python", "t.py")
+    code, out, _ = _run(capsys, "render", str(cfg), "--target", "rayjob", *common)
+    assert code == 0 and "--workers 4 -- t.py" in out
+    code, out, err = _run(capsys, "render", str(cfg), "--target", "pytorchjob", *common)
+    assert (code, out) == (1, "")
+    assert "equal the 8 processes" in err and "set dp_shard_size to 8" in err
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -134,7 +149,8 @@ def test_rayjob_takes_ray_num_workers_from_the_config(
                 "python",
                 "t.py",
             ],
-            "error: dp_shard_size: the parallelism sizes multiply to 4, which does not divide the 3 GPUs",
+            "error: dp_shard_size: the parallelism sizes multiply to 4, but Accelerate needs them to equal "
+            "the 3 processes",
         ),
         (
             ["--target", "pytorchjob", "--name", "a", "--image", "i", "--node-selector", "novalue"],

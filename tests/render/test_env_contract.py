@@ -173,8 +173,10 @@ def _options(**overrides: Any) -> JobOptions:
 @pytest.mark.parametrize("example", ["fsdp2-gpu", "zero3-gpu", "parallel-gpu"])
 def test_pytorchjob_process_env(example: str, tmp_path: Path) -> None:
     mounts = Mounts(tmp_path)
-    plan = mounts.plan(example, 2, 4)
-    objects = render_checked(plan, "pytorchjob", _options())
+    # HSDP 2x2 needs exactly 4 processes (C28).
+    nodes, gpus = (2, 2) if example == "parallel-gpu" else (2, 4)
+    plan = mounts.plan(example, nodes, gpus)
+    objects = render_checked(plan, "pytorchjob", _options(nodes=nodes, gpus_per_node=gpus))
     _spec(objects, plan)
     mounts.write(objects)
     job = objects[-1]
@@ -204,7 +206,9 @@ def test_pytorchjob_process_env(example: str, tmp_path: Path) -> None:
             booted, launch = _bootstrap(container["command"], pod_env, mounts)
             assert booted == pod_env  # the bootstrap agrees with envFrom: nothing to change
             processes += _torchrun(launch, booted)
-    _assert_processes(processes, plan, {"MASTER_ADDR": "ft-master-0", "MASTER_PORT": "23456"}, world=8)
+    _assert_processes(
+        processes, plan, {"MASTER_ADDR": "ft-master-0", "MASTER_PORT": "23456"}, world=nodes * gpus
+    )
     # torchrun's WORLD_SIZE agrees with the operator's, which counts nprocPerNode per pod.
     assert {p["WORLD_SIZE"] for p in processes} == {str(total * int(nproc))}
 

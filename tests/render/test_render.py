@@ -272,7 +272,7 @@ def test_bad_options(overrides: dict[str, Any], match: str) -> None:
         _options(**overrides)
 
 
-def test_gpus_that_do_not_divide_the_parallel_sizes() -> None:
+def test_gpus_that_do_not_equal_the_parallel_sizes() -> None:
     # Planned without hardware, the renderer still checks the job it is asked for.
     p = plan(
         parse_config(
@@ -286,12 +286,17 @@ def test_gpus_that_do_not_divide_the_parallel_sizes() -> None:
         )
     )
     for target in JOBS:
-        with pytest.raises(
-            ConfigError,
-            match=r"^dp_shard_size: the parallelism sizes multiply to 4, which does not divide the 6 GPUs",
-        ):
-            render_checked(p, target, _options(nodes=2, gpus_per_node=3, ray_workers=None))
-        render_checked(p, target, _options(nodes=2, gpus_per_node=2))  # 4 divides 4
+        # 6 is not a multiple of 4; 8 is, but Accelerate needs exactly 4 processes (C28).
+        for gpus, fix in ((3, 3), (4, 4)):
+            with pytest.raises(
+                ConfigError,
+                match=rf"^dp_shard_size: the parallelism sizes multiply to 4, but Accelerate needs them to "
+                rf"equal the {2 * gpus} processes .*\(set dp_shard_size to {fix} so",
+            ):
+                render_checked(p, target, _options(nodes=2, gpus_per_node=gpus, ray_workers=None))
+        render_checked(p, target, _options(nodes=2, gpus_per_node=2))
+    # A RayJob's processes are its Ray Train workers, not its GPUs.
+    render_checked(p, "rayjob", _options(nodes=2, gpus_per_node=4, ray_workers=4))
 
 
 def test_configmap_over_one_mebibyte() -> None:

@@ -144,9 +144,8 @@ def render_command(
             # The Ray Train workers are the processes (C28); more than the GPUs is refused by render.
             hardware = dataclasses.replace(hardware, nodes=1, gpus_per_node=cfg.ray_num_workers)
     result = plan(cfg, hardware, deepspeed_path=kwargs["deepspeed_path"])
-    if target == "rayjob":
-        if cfg.resources_per_worker.get("GPU", 1.0) != 1.0:
-            click.echo("warning: resources_per_worker: each Ray Train worker gets one GPU here", err=True)
+    if target == "rayjob" and cfg.resources_per_worker.get("GPU", 1.0) != 1.0:
+        click.echo("warning: resources_per_worker: each Ray Train worker gets one GPU here", err=True)
     objects = render(result, target, options)
     click.echo(to_yaml(objects) if output == "yaml" else to_json(objects), nl=False)
     for warning in result.warnings:
