@@ -3,9 +3,11 @@
 Every trigger ends in :meth:`Controller.reconcile`, one level-based, idempotent pass: create,
 update and resume of an ``OptimEnv``; a change of the ConfigMap it references; a change or deletion
 of a ConfigMap it owns (or whose name it wants), or of a job it owns (for the kinds given with
-``--job-kind``). API errors become ``kopf.TemporaryError`` with the server's delay, so kopf retries
-them with backoff; an invalid config is not an error (it is status) and is not retried until the
-object or its ConfigMap changes.
+``--job-kind``), also as re-listed after a watch restart; and a periodic resync of the OptimEnvs that
+were not reconciled for a while. Retryable API errors become ``kopf.TemporaryError`` with an
+exponential backoff (at least the server's Retry-After). A refusal that retrying cannot fix (403,
+404, 422 of a child) is status (``Ready=False``) and a Warning Event, like an invalid config: it is
+not retried until the object or its ConfigMap changes.
 """
 
 from __future__ import annotations
@@ -27,10 +29,17 @@ from optimenv_controller.metrics import Metrics
 
 logger = logging.getLogger("optimenv.controller")
 
-#: Delay before retrying a call that the server refused for good (403, 422 …): long, never a hot loop.
-FAILURE_DELAY = 300.0
+#: The longest wait between two retries of a reconcile.
+MAX_DELAY = 300.0
 #: Attempts of a reconcile started by a ConfigMap event (kopf does not retry event handlers).
 EVENT_ATTEMPTS = 8
+#: Every this many seconds, reconcile the OptimEnvs not reconciled for as long (a watch can miss events).
+RESYNC_INTERVAL = 600.0
+
+
+def backoff(retry: int, hint: float) -> float:
+    """Seconds before retry number ``retry`` (0 first): 1, 2, 4 … up to MAX_DELAY, never below ``hint``."""
+    return max(hint, min(2.0 ** min(retry, 30), MAX_DELAY))
 
 
 def _now() -> str:
@@ -47,6 +56,8 @@ class Controller:
         # Per OptimEnv, what was last wanted of its job children: tells the echo of our own apply (and
         # the job operator's status writes) from a change to undo, without planning on every event.
         self._wanted_jobs: dict[tuple[str, str], dict[rc.ChildKey, dict[str, Any]]] = {}
+        # When each known OptimEnv was last reconciled (monotonic clock): what the resync walks.
+        self._reconciled_at: dict[tuple[str, str], float] = {}
 
     async def reconcile(
         self, obj: Mapping[str, Any] | None = None, *, key: tuple[str, str] | None = None
@@ -63,9 +74,11 @@ class Controller:
                     obj = await self.kube.get(f"{GROUP}/{VERSION}", "OptimEnv", *key)
                     if obj is None or obj["metadata"].get("deletionTimestamp"):
                         self._wanted_jobs.pop(key, None)
+                        self._reconciled_at.pop(key, None)
                         result = "gone"
                         return
                 result = await self._reconcile(obj)
+                self._reconciled_at[key] = time.monotonic()
         except KubeError as exc:
             self.metrics.errors.labels(reason=str(exc.status) if exc.status else "network").inc()
             raise
@@ -76,22 +89,58 @@ class Controller:
     async def _reconcile(self, obj: Mapping[str, Any]) -> str:
         namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         ref = rc.config_map_ref(obj)
-        referenced = await self.kube.get("v1", "ConfigMap", namespace, ref) if ref else None
-        want = rc.desired(obj, referenced)
+        want: rc.Desired | rc.Invalid
+        try:
+            referenced = await self.kube.get("v1", "ConfigMap", namespace, ref) if ref else None
+        except ApiFailure as exc:
+            # Not readable (403): as good as missing for planning; say why, like ConfigMapNotFound.
+            want = rc.Invalid(rc.failure_reason(exc.status), f"spec.configMapRef: {exc}")
+        else:
+            want = rc.desired(obj, referenced)
         observed: dict[rc.ChildKey, dict[str, Any] | None] = {}
+        failure: rc.Failure | None = None
         if isinstance(want, rc.Desired):
             keys = [rc.child_key(body) for body in want.children]
-            found = await asyncio.gather(*(self.kube.get(av, kind, namespace, n) for av, kind, n in keys))
-            observed = dict(zip(keys, found, strict=True))
+            found = await asyncio.gather(
+                *(self.kube.get(av, kind, namespace, n) for av, kind, n in keys), return_exceptions=True
+            )
+            refused: set[rc.ChildKey] = set()
+            for key, result in zip(keys, found, strict=True):
+                if isinstance(result, ApiFailure):
+                    failure = failure or rc.Failure(rc.failure_reason(result.status), str(result))
+                    refused.add(key)
+                elif isinstance(result, BaseException):
+                    raise result  # retryable (or unexpected): kopf retries the whole reconcile
+                else:
+                    observed[key] = result
             self._wanted_jobs[(namespace, name)] = {
                 rc.child_key(body): rc.managed_metadata(body)
                 for body in want.children
                 if body["kind"] != "ConfigMap"
             }
-        outcome = rc.decide(obj, want, observed, _now())
+            if refused:  # the others are still brought in line
+                children = tuple(c for c in want.children if rc.child_key(c) not in refused)
+                want = rc.Desired(children=children, summary=want.summary)
+        now = _now()
+        outcome = rc.decide(obj, want, observed, now, failure)
 
+        written: list[rc.Apply] = []
         for apply in outcome.applies:
-            await self.kube.apply(apply.body, force=apply.force)
+            try:
+                if apply.verb == "Created":
+                    await self.kube.create(apply.body)
+                else:
+                    await self.kube.apply(apply.body, force=apply.force)
+            except ApiFailure as exc:
+                failure = rc.Failure(rc.failure_reason(exc.status), str(exc))
+                told = rc.decide(obj, want, observed, now, failure)
+                # The status and Warning of the refusal, and the Events of the writes that did happen.
+                events = [e for e in told.events if e.reason not in ("Created", "Updated")]
+                outcome = rc.Outcome(
+                    tuple(written), told.status, (*rc.apply_events(written), *events), told.conflict
+                )
+                break
+            written.append(apply)
         if outcome.status is not None:
             await self.kube.patch_status(namespace, name, outcome.status)
         # Only after the writes they report succeeded: a retried reconcile does not repeat them.
@@ -104,6 +153,9 @@ class Controller:
         if outcome.conflict:
             logger.warning("%s/%s: %s", namespace, name, outcome.conflict)
             return "conflict"
+        if failure is not None:
+            logger.warning("%s/%s: %s", namespace, name, failure.message)
+            return "failed"
         return "updated" if outcome.applies or outcome.status is not None else "synced"
 
     async def _event(self, obj: Mapping[str, Any], event: rc.Event) -> None:
@@ -129,15 +181,32 @@ class Controller:
                 await self.reconcile(key=key)
                 return
             except Retryable as exc:
-                delay = min(exc.delay * (attempt + 1), 30.0)
+                delay = backoff(attempt, exc.delay)
                 logger.info("%s/%s: retrying in %.1fs: %s", *key, delay, exc)
                 await asyncio.sleep(delay)
             except ApiFailure as exc:
                 logger.error("%s/%s: %s", *key, exc)
                 return
         logger.error(
-            "%s/%s: giving up after %d attempts; the next change or restart retries", *key, EVENT_ATTEMPTS
+            "%s/%s: giving up after %d attempts; the next change or resync retries", *key, EVENT_ATTEMPTS
         )
+
+    async def resync(self, idle: float) -> int:
+        """Reconcile every known OptimEnv not reconciled for ``idle`` seconds; how many were."""
+        now = time.monotonic()
+        due = sorted(key for key, at in self._reconciled_at.items() if now - at >= idle)
+        for key in due:
+            await self.reconcile_with_retries(key)
+        return len(due)
+
+    async def resync_forever(self, interval: float = RESYNC_INTERVAL) -> None:
+        """The safety net under the watches: nothing written where nothing changed."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.resync(interval)
+            except Exception:  # never let the loop die: the next round tries again
+                logger.exception("resync failed")
 
 
 def make_settings() -> kopf.OperatorSettings:
@@ -160,12 +229,17 @@ def make_settings() -> kopf.OperatorSettings:
 
 
 def build_registry(
-    controller: Controller, *, login_url: str | None = None, job_kinds: Iterable[str] = ()
+    controller: Controller,
+    *,
+    login_url: str | None = None,
+    job_kinds: Iterable[str] = (),
+    resync_interval: float = RESYNC_INTERVAL,
 ) -> kopf.OperatorRegistry:
     """A kopf registry wired to ``controller``.
 
     ``login_url``: an unauthenticated API server (tests). ``job_kinds``: keys of
     :data:`reconcile.JOB_RESOURCES` whose owned jobs are watched (their CRDs must exist to be served).
+    ``resync_interval``: seconds between resyncs of the OptimEnvs idle that long.
     """
     registry = kopf.OperatorRegistry()
 
@@ -177,8 +251,18 @@ def build_registry(
         info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
         return info if isinstance(info, kopf.ConnectionInfo) else None
 
+    # Not a kopf.timer: kopf puts a finalizer on every object with a timer, and then an OptimEnv could
+    # not be deleted while the controller is not running.
+    resync: list[asyncio.Task[None]] = []
+
+    @kopf.on.startup(id="start_resync", registry=registry)
+    async def start_resync(**_: Any) -> None:
+        resync.append(asyncio.create_task(controller.resync_forever(resync_interval)))
+
     @kopf.on.cleanup(id="close_client", registry=registry)
     async def close_client(**_: Any) -> None:
+        for task in resync:
+            task.cancel()
         # Before kopf waits for leftover tasks: open keep-alive connections would hold it up.
         await controller.kube.close()
 
@@ -196,36 +280,39 @@ def build_registry(
     @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
-    async def optimenv_changed(body: kopf.Body, **_: Any) -> None:
+    async def optimenv_changed(body: kopf.Body, retry: int, **_: Any) -> None:
         try:
             await controller.reconcile(body)
         except Retryable as exc:
-            raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
+            raise kopf.TemporaryError(str(exc), delay=backoff(retry, exc.delay)) from exc
         except ApiFailure as exc:
-            raise kopf.TemporaryError(str(exc), delay=FAILURE_DELAY) from exc
+            # Refused children are status already; this is the status write itself refused (403, 422):
+            # nothing to retry until the object changes.
+            raise kopf.PermanentError(str(exc)) from exc
 
     @kopf.on.event("", "v1", "configmaps", id="configmap_event", registry=registry)
     async def configmap_event(
-        type: str,
+        type: str | None,
         namespace: str | None,
         name: str,
         body: kopf.Body,
         **kwargs: Any,
     ) -> None:
         configmaps_of: kopf.Index[tuple[str, str], str] = kwargs["configmaps_of"]  # kopf injects indexes
-        # type None is the initial listing: resume handlers already reconcile every OptimEnv then.
-        if not type or namespace is None or (namespace, name) not in configmaps_of:
+        # type None is a listing (start, or a re-list after a watch ended with 410): changes made while
+        # the watch was down show only there. The echo check below keeps unchanged children free.
+        if namespace is None or (namespace, name) not in configmaps_of:
             return
         if type != "DELETED" and rc.child_intact(body):
             return  # one of ours, exactly as rendered: the echo of our own apply, nothing to undo
         for owner in sorted(set(configmaps_of[(namespace, name)])):
             await controller.reconcile_with_retries((namespace, owner))
 
-    async def job_event(type: str, namespace: str | None, body: kopf.Body, **_: Any) -> None:
+    async def job_event(type: str | None, namespace: str | None, body: kopf.Body, **_: Any) -> None:
         owner = rc.controller_owner(body)
-        # type None is the initial listing (resume reconciles every OptimEnv); a job that no OptimEnv
-        # controls is none of our business.
-        if not type or namespace is None or owner is None:
+        # type None is a listing (start, or a re-list after a 410), handled like a change; a job that no
+        # OptimEnv controls is none of our business.
+        if namespace is None or owner is None:
             return
         if type != "DELETED" and controller.job_as_applied(namespace, owner, body):
             return  # the echo of our own apply, or the job operator writing status

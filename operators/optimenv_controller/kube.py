@@ -1,7 +1,9 @@
 """The one module that talks to the Kubernetes API server (through lightkube).
 
-Reads are plain GETs; children are written by server-side apply (``PATCH`` with
-``application/apply-patch+yaml`` and ``fieldManager=optimenv``), status by a merge patch of the
+Reads are plain GETs; a child absent when read is created by ``POST`` (so that an object of the
+same name that appeared meanwhile is refused with 409, never merged into and adopted), a child that
+exists is written by server-side apply (``PATCH`` with ``application/apply-patch+yaml``), both with
+``fieldManager=optimenv``; status by a merge patch of the
 ``/status`` subresource, Events by ``POST``. Every failure comes out as :class:`Retryable` (try again
 later: 409, 429, 5xx, timeouts, connection errors) or :class:`ApiFailure` (retrying cannot help).
 """
@@ -137,6 +139,19 @@ class Kube:
             raise translate(exc, what) from exc
         except httpx2.HTTPError as exc:
             raise translate(exc, what) from exc
+
+    async def create(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Create a child that was absent when read; 409 (it appeared meanwhile) is :class:`Retryable`."""
+        meta = body["metadata"]
+        what = f"create {body['kind']} {meta['namespace']}/{meta['name']}"
+        try:
+            written = await self._client.create(
+                _resource(body["apiVersion"], body["kind"]).from_dict(dict(body)),  # namespace: its metadata
+                field_manager=FIELD_MANAGER,
+            )
+        except httpx2.HTTPError as exc:
+            raise translate(exc, what) from exc
+        return _to_dict(written)
 
     async def apply(self, body: Mapping[str, Any], *, force: bool) -> dict[str, Any]:
         """Server-side apply of the full desired object under the ``optimenv`` field manager."""

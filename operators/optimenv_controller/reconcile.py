@@ -18,13 +18,17 @@ from optimenv.deepspeed import PRESETS
 from optimenv.errors import ConfigError, OptimEnvError
 from optimenv.plan import Plan, plan
 from optimenv.render import CONTENT_HASH_ANNOTATION, JobOptions, render
-from optimenv.resource import API_VERSION, GROUP, KIND, OptimEnvSpec, parse_spec
+from optimenv.resource import API_VERSION, GROUP, KIND, Condition, OptimEnvSpec, parse_spec
 from optimenv.spec import build_spec, content_hash
 
 FIELD_MANAGER = "optimenv"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 NAME_LABEL = "optimenv.dev/name"
 CHILD_SUFFIXES = ("-env", "-spec", "-deepspeed")
+#: The CRD's maxLength of a condition message (a longer one would make the whole status write fail).
+MESSAGE_MAX = next(
+    m.max_length for m in Condition.model_fields["message"].metadata if hasattr(m, "max_length")
+)
 
 ChildKey = tuple[str, str, str]  # (apiVersion, kind, name)
 
@@ -69,9 +73,23 @@ class Invalid:
 
 
 @dataclass(frozen=True)
+class Failure:
+    """A child the API server refused to read or write for good (403, 404, 422 …): status, not a retry."""
+
+    reason: str
+    message: str
+
+
+def failure_reason(status: int) -> str:
+    """The Ready reason for an API refusal with HTTP ``status``."""
+    return {403: "Forbidden", 404: "NotFound"}.get(status, "ApplyFailed")
+
+
+@dataclass(frozen=True)
 class Apply:
     body: dict[str, Any]
     force: bool  # only for objects this OptimEnv already owns
+    # Created: absent when read, so created by POST (never merged into an object that appeared since).
     verb: Literal["Created", "Updated"]
 
 
@@ -265,8 +283,13 @@ def decide(
     want: Desired | Invalid,
     observed: Mapping[ChildKey, Mapping[str, Any] | None],
     now: str,
+    failure: Failure | None = None,
 ) -> Outcome:
-    """The writes, status and Events that bring the cluster to ``want``."""
+    """The writes, status and Events that bring the cluster to ``want``.
+
+    ``failure``: a child the API refused (it is left out of ``want``); Ready says so unless a name
+    conflict, which blocks every write, is the bigger problem. ConfigMaps are written before jobs.
+    """
     old_status = obj.get("status") or {}
     generation = obj["metadata"].get("generation")
     summary = old_status.get("plan")
@@ -295,20 +318,22 @@ def decide(
         if conflict is not None:
             applies = []
             ready = ("False", "NameConflict", conflict + "; rename or delete it (the controller never will)")
+        elif failure is not None:
+            ready = ("False", failure.reason, failure.message)
         else:
             ready = ("True", "Applied", f"{len(want.children)} children in sync")
 
+    # Clipped to the CRD's maxLength before comparing with the stored (clipped) messages.
+    ready, valid = (ready[0], ready[1], _clip(ready[2])), (valid[0], valid[1], _clip(valid[2]))
     conditions = [
         _condition(old_status, "Ready", ready, generation, now),
         _condition(old_status, "Valid", valid, generation, now),
     ]
     status: dict[str, Any] = {"observedGeneration": generation, "conditions": conditions, "plan": summary}
 
-    for verb in ("Created", "Updated"):
-        # One Event per reconcile and verb, naming every child it concerns.
-        done = [f"{a.body['kind']} {a.body['metadata']['name']}" for a in applies if a.verb == verb]
-        if done:
-            events.append(Event("Normal", verb, f"{verb.lower()} " + ", ".join(done)))
+    # The job goes last: it mounts the ConfigMaps, and a refused job must not hold them back.
+    applies.sort(key=lambda a: a.body["kind"] != "ConfigMap")
+    events.extend(apply_events(applies))
     old_valid = _find(old_status, "Valid")
     if valid[0] == "False" and (
         old_valid is None
@@ -322,9 +347,32 @@ def decide(
     old_ready = _find(old_status, "Ready")
     if conflict is not None and (old_ready is None or old_ready.get("reason") != "NameConflict"):
         events.append(Event("Warning", "NameConflict", conflict))
+    elif (
+        failure is not None
+        and ready[1] == failure.reason
+        and (old_ready is None or (old_ready.get("reason"), old_ready.get("message")) != ready[1:])
+    ):
+        events.append(Event("Warning", failure.reason, ready[2]))
 
     changed = _comparable(status) != _comparable(old_status)
     return Outcome(tuple(applies), status if changed else None, tuple(events), conflict)
+
+
+def apply_events(applies: list[Apply] | tuple[Apply, ...]) -> list[Event]:
+    """One Event per verb, naming every child it concerns."""
+    events = []
+    for verb in ("Created", "Updated"):
+        done = [f"{a.body['kind']} {a.body['metadata']['name']}" for a in applies if a.verb == verb]
+        if done:
+            events.append(Event("Normal", verb, f"{verb.lower()} " + ", ".join(done)))
+    return events
+
+
+def _clip(message: str) -> str:
+    if len(message) <= MESSAGE_MAX:
+        return message
+    marker = " … (truncated)"
+    return message[: MESSAGE_MAX - len(marker)] + marker
 
 
 def _find(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
@@ -348,7 +396,7 @@ def _condition(
         "observedGeneration": generation,
         "lastTransitionTime": since or now,
         "reason": reason,
-        "message": message,
+        "message": _clip(message),
     }
 
 

@@ -12,7 +12,18 @@ import kmock as km
 from tests.controller.apiserver import ApiServer, eventually, scripted, settle, status_body
 from tests.controller.conftest import NS, optimenv
 from tests.controller.harness import running_operator
-from tests.controller.test_wire import CHILDREN, CM, CM_PATH, OE, OE_PATH, applies, ready, status_writes
+from tests.controller.test_wire import (
+    CHILDREN,
+    CM,
+    CM_PATH,
+    OE,
+    OE_PATH,
+    applies,
+    creates,
+    ready,
+    status_writes,
+    user_patch,
+)
 
 Pred = Callable[[km.Request], bool]
 
@@ -32,8 +43,9 @@ def converged(api: ApiServer) -> None:
     assert obj is not None
     assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
     assert obj["status"]["plan"]["envConfigMap"] == "demo-env"
-    # Children are only ever applied (PATCH), never created by POST: a retry cannot duplicate them.
-    assert not [r for r in api.writes() if r.method.value == "POST" and "/configmaps" in r.url.path]
+    # Children are created by POST only while absent (a retry reads again first) and never adopted.
+    posted = [r.data["metadata"]["name"] for r in creates(api.writes()) if r.url.path == CM_PATH]
+    assert set(posted) == set(CHILDREN)
 
 
 async def _converges(api: ApiServer, **operator: Any) -> None:
@@ -44,12 +56,32 @@ async def _converges(api: ApiServer, **operator: Any) -> None:
     converged(api)
 
 
+def post_of(name: str) -> Pred:
+    return lambda r: r.method.value == "POST" and r.url.path == CM_PATH and r.data["metadata"]["name"] == name
+
+
+async def test_conflict_409_on_create_is_retried(kmock: ApiServer) -> None:
+    kmock[scripted(post_of("demo-env"))] << 409 << status_body(409, "AlreadyExists", "already exists")
+    await _converges(kmock)
+    attempts = [r for r in creates(kmock.writes()) if r.data["metadata"]["name"] == "demo-env"]
+    assert len(attempts) == 2  # the refused one and the retry (it read the child again: still absent)
+
+
 async def test_conflict_409_on_apply_is_retried(kmock: ApiServer) -> None:
     path = f"{CM_PATH}/demo-env"
-    kmock[scripted(patch_of(path))] << 409 << status_body(409, "Conflict", "Apply failed with 1 conflict")
-    await _converges(kmock)
-    attempts = [r for r in applies(kmock.writes()) if r.url.path == path]
+    kmock.put_object(OE, optimenv())
+    async with running_operator(str(kmock.url)):
+        await eventually(lambda: ready(kmock))
+        await settle(kmock)
+        kmock[scripted(patch_of(path))] << 409 << status_body(409, "Conflict", "Apply failed with 1 conflict")
+        mark = kmock.count
+        await user_patch(kmock, f"{OE_PATH}/demo", {"spec": {"config": {"gradient_accumulation_steps": 8}}})
+        await eventually(lambda: ready(kmock, generation=2), timeout=15)
+        await settle(kmock)
+    attempts = [r for r in applies(kmock.writes(since=mark)) if r.url.path == path]
     assert len(attempts) == 2  # the refused one and the retry
+    env = kmock.obj(CM, NS, "demo-env")
+    assert env is not None and env["data"]["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "8"
 
 
 async def test_throttled_429_status_write_waits_for_retry_after(kmock: ApiServer) -> None:
@@ -76,8 +108,8 @@ async def test_server_error_500_twice_on_status_keeps_status(kmock: ApiServer) -
     kmock[scripted(patch_of(path), times=2)] << 500 << status_body(500, "InternalError", "etcd timeout")
     await _converges(kmock)
     assert len(status_writes(kmock.writes())) == 3
-    # Children were applied once: the retries found them in sync and only wrote the status again.
-    assert len(applies(kmock.writes())) == 3
+    # Children were created once: the retries found them in sync and only wrote the status again.
+    assert len(creates(kmock.writes())) == 3 and applies(kmock.writes()) == []
 
 
 async def test_slow_response_times_out_and_is_retried(kmock: ApiServer) -> None:

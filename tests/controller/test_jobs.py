@@ -16,7 +16,7 @@ from optimenv_controller.handlers import Controller
 from tests.controller.apiserver import ApiServer, eventually, settle
 from tests.controller.conftest import NS, optimenv
 from tests.controller.harness import running_operator
-from tests.controller.test_wire import APPLY, applies, events, ready, status_writes, user_patch
+from tests.controller.test_wire import applies, creates, events, ready, status_writes, user_patch
 
 JOB = {"image": "registry.example/train:1", "command": ["python", "train.py"]}
 # kind option → (kmock resource, API path of the collection, kind)
@@ -74,11 +74,11 @@ async def test_deleted_job_is_reapplied(kmock: ApiServer, kind: str) -> None:
         await settle(kmock)
         assert reconciles(op.controller) == 2  # the deletion; not the echo of the re-apply
     writes = kmock.writes(since=mark)
-    (applied,) = applies(writes)
-    assert applied.url.path == f"{path}/demo"
-    assert applied.headers["Content-Type"] == APPLY
+    assert applies(writes) == []
+    (applied,) = creates(writes)  # it was gone: created by POST, never an apply that could adopt
+    assert applied.url.path == path
+    assert applied.data["metadata"]["name"] == "demo"
     assert applied.params["fieldManager"] == "optimenv"
-    assert "force" not in applied.params  # it was gone: a create takes no fields from anyone
     assert applied.data["metadata"]["ownerReferences"] == before["metadata"]["ownerReferences"]
     assert applied.data["metadata"]["annotations"][HASH] == before["metadata"]["annotations"][HASH]
     assert status_writes(writes) == []  # still "4 children in sync": status unchanged
@@ -173,7 +173,9 @@ async def test_job_kinds_are_watched_only_when_asked(kmock: ApiServer) -> None:
         assert reconciles(op.controller) == 1
     # Without --job-kind the controller never lists or watches job kinds (their CRDs may be absent).
     collections = [
-        r.url.path for r in kmock if r.url.path.endswith(("/rayjobs", "/pytorchjobs", "/trainjobs"))
+        r.url.path
+        for r in kmock
+        if r.method.value == "GET" and r.url.path.endswith(("/rayjobs", "/pytorchjobs", "/trainjobs"))
     ]
     assert collections == []
     assert kmock.writes(since=mark) == []

@@ -41,6 +41,11 @@ def applies(writes: list[km.Request]) -> list[km.Request]:
     return [r for r in writes if r.method.value == "PATCH" and r.headers.get("Content-Type") == APPLY]
 
 
+def creates(writes: list[km.Request]) -> list[km.Request]:
+    """Children created by POST (Events are POSTs too, and left out)."""
+    return [r for r in writes if r.method.value == "POST" and not r.url.path.endswith("/events")]
+
+
 def status_writes(writes: list[km.Request]) -> list[km.Request]:
     return [r for r in writes if r.method.value == "PATCH" and r.url.path.endswith("/status")]
 
@@ -60,18 +65,22 @@ async def user_patch(api: ApiServer, path: str, patch: dict[str, Any]) -> None:
         assert response.status == 200, await response.text()
 
 
-async def test_create_applies_children_server_side_with_owner_and_status(kmock: ApiServer) -> None:
+async def test_create_posts_children_with_owner_and_status(kmock: ApiServer) -> None:
     kmock.put_object(OE, optimenv())
     uid = kmock.obj(OE, NS, "demo")["metadata"]["uid"]  # type: ignore[index]
     async with running_operator(str(kmock.url)):
         await eventually(lambda: ready(kmock))
     writes = kmock.writes()
 
-    applied = applies(writes)
-    assert sorted(r.url.path for r in applied) == sorted(f"{CM_PATH}/{n}" for n in CHILDREN)
-    for r in applied:
+    # Absent when read: created by POST, which the server refuses (409) if an object of that name
+    # appeared meanwhile; an apply would merge into it and adopt it.
+    created = creates(writes)
+    assert applies(writes) == []
+    assert sorted(r.data["metadata"]["name"] for r in created) == sorted(CHILDREN)
+    for r in created:
+        assert r.url.path == CM_PATH
+        assert r.headers["Content-Type"] == "application/json"
         assert r.params["fieldManager"] == "optimenv"
-        assert "force" not in r.params  # a create never takes fields from another manager
         meta = r.data["metadata"]
         assert meta["ownerReferences"] == [
             {
@@ -86,9 +95,8 @@ async def test_create_applies_children_server_side_with_owner_and_status(kmock: 
         assert meta["labels"]["app.kubernetes.io/managed-by"] == "optimenv"
         assert meta["annotations"]["optimenv.dev/content-hash"].startswith("sha256:")
         assert "status" not in r.data and "resourceVersion" not in meta
-    # Never POST (create) or PUT a child, never DELETE anything.
+    # Never PUT a child, never DELETE anything.
     assert not [r for r in writes if r.method.value in ("PUT", "DELETE")]
-    assert not [r for r in writes if r.method.value == "POST" and not r.url.path.endswith("/events")]
 
     (status,) = status_writes(writes)
     assert status.url.path == f"{OE_PATH}/demo/status"
@@ -102,14 +110,14 @@ async def test_create_applies_children_server_side_with_owner_and_status(kmock: 
     assert body["plan"]["envConfigMap"] == "demo-env"
     assert body["plan"]["deepspeedConfigMap"] == "demo-deepspeed"
     assert body["plan"]["hash"] == _spec_hash(kmock)
-    (created,) = events(writes, "Created")
-    assert sorted(created.data["message"].removeprefix("created ").split(", ")) == sorted(
+    (created_event,) = events(writes, "Created")
+    assert sorted(created_event.data["message"].removeprefix("created ").split(", ")) == sorted(
         f"ConfigMap {n}" for n in CHILDREN
     )
     for r in events(writes):
         assert r.data["involvedObject"]["uid"] == uid
     # The only other writes are kopf's own bookkeeping annotations on the OptimEnv (not status).
-    others = [r for r in writes if r not in applied and r is not status and r not in events(writes)]
+    others = [r for r in writes if r not in created and r is not status and r not in events(writes)]
     assert [r.url.path for r in others] == [f"{OE_PATH}/demo"]
     assert set(others[0].data) == {"metadata"}
 
@@ -125,14 +133,18 @@ def _spec_hash(api: ApiServer) -> str:
 
 async def test_job_target_is_applied_and_owned(kmock: ApiServer) -> None:
     kmock.resources["kubeflow.org/v1/pytorchjobs"] = km.ResourceInfo(
-        kind="PyTorchJob", singular="pytorchjob", namespaced=True, verbs={"get", "list", "watch", "patch"}
+        kind="PyTorchJob",
+        singular="pytorchjob",
+        namespaced=True,
+        verbs={"get", "list", "watch", "create", "patch"},
     )
     job = {"target": "pytorchjob", "image": "registry.example/train:1", "command": ["python", "train.py"]}
     kmock.put_object(OE, optimenv(job=job))
     async with running_operator(str(kmock.url)):
         await eventually(lambda: ready(kmock))
-    (applied,) = [r for r in applies(kmock.writes()) if r.url.path.endswith("/pytorchjobs/demo")]
-    assert applied.url.path == f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs/demo"
+    (applied,) = [r for r in creates(kmock.writes()) if r.url.path.endswith("/pytorchjobs")]
+    assert applied.url.path == f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs"
+    assert applied.data["metadata"]["name"] == "demo"
     assert applied.params["fieldManager"] == "optimenv"
     assert applied.data["metadata"]["ownerReferences"][0]["controller"] is True
     assert condition(kmock, "demo", "Ready")["message"] == "4 children in sync"
