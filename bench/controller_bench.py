@@ -53,7 +53,7 @@ def objects(n: int, namespace: str) -> list[dict[str, Any]]:
 
 
 async def baseline(api: ApiServer, n: int) -> dict[str, Any]:
-    """A plain client creating the same children (server-side apply), no controller."""
+    """A plain client creating the same children (POST, as the controller creates them), no controller."""
     bodies = []
     for i, obj in enumerate(objects(n, "base")):
         # Not stored in the mock: the controller under test must not see the baseline's objects.
@@ -67,7 +67,7 @@ async def baseline(api: ApiServer, n: int) -> dict[str, Any]:
 
     async def one(body: dict[str, Any]) -> None:
         async with sem:
-            await kube.apply(body, force=False)
+            await kube.create(body)
 
     started = time.perf_counter()
     await asyncio.gather(*(one(b) for b in bodies))
@@ -100,6 +100,8 @@ def classify(writes: list[kmock.Request]) -> dict[str, int]:
     for r in writes:
         if r.method.value == "PATCH" and r.headers.get("Content-Type") == "application/apply-patch+yaml":
             kind = "apply (children)"
+        elif r.method.value == "POST" and not r.url.path.endswith("/events"):
+            kind = "create (children)"
         elif r.url.path.endswith("/status"):
             kind = "status patch"
         elif r.url.path.endswith("/events"):

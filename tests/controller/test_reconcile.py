@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import pathlib
 import socket
 import urllib.request
 from typing import Any
 
+import yaml
 from click.testing import CliRunner
 
 from optimenv.cli import cli
@@ -150,3 +152,47 @@ def test_metrics_endpoint_serves_the_counters() -> None:
     assert 'optimenv_reconciles_total{result="synced"} 1.0' in text
     assert 'optimenv_reconcile_errors_total{reason="429"} 1.0' in text
     assert "optimenv_reconcile_duration_seconds_count 1.0" in text
+
+
+def test_condition_messages_are_clipped_to_the_crds_max_length() -> None:
+    crd = yaml.safe_load(pathlib.Path("manifests/crds/optimenv.dev_optimenvs.yaml").read_text())
+    (version,) = crd["spec"]["versions"]
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+    limit = status["properties"]["conditions"]["items"]["properties"]["message"]["maxLength"]
+    assert limit == rc.MESSAGE_MAX
+
+    obj = _obj()
+    huge = rc.Invalid("InvalidConfig", "spec.config.x: " + "y" * (2 * limit))
+    first = rc.decide(obj, huge, {}, "2026-01-01T00:00:00Z")
+    assert first.status is not None
+    conds = {c["type"]: c for c in first.status["conditions"]}
+    for cond in conds.values():
+        assert len(cond["message"]) <= limit
+    assert len(conds["Valid"]["message"]) == limit and conds["Valid"]["message"].endswith("(truncated)")
+    # The clipped message compares equal next time: no status write, no repeated Warning.
+    again = rc.decide({**obj, "status": first.status}, huge, {}, "2026-01-02T00:00:00Z")
+    assert again == rc.Outcome()
+
+
+def test_refused_child_is_ready_false_with_one_warning_and_the_rest_applied() -> None:
+    obj = _obj()
+    want = rc.desired(obj)
+    assert isinstance(want, rc.Desired)
+    failure = rc.Failure(rc.failure_reason(403), "get PyTorchJob ml/demo: 403 forbidden")
+    outcome = rc.decide(obj, want, {rc.child_key(c): None for c in want.children}, "t0", failure)
+    assert [a.verb for a in outcome.applies] == ["Created"] * len(want.children)
+    assert outcome.status is not None
+    conds = {c["type"]: c for c in outcome.status["conditions"]}
+    assert (conds["Ready"]["status"], conds["Ready"]["reason"]) == ("False", "Forbidden")
+    assert conds["Ready"]["message"] == failure.message
+    assert [(e.type, e.reason) for e in outcome.events] == [("Normal", "Created"), ("Warning", "Forbidden")]
+    # Still refused on the next pass: nothing new to say.
+    obj, _, observed = _converged(obj)
+    obj = {**obj, "status": outcome.status}
+    assert rc.decide(obj, want, observed, "t1", failure) == rc.Outcome()
+    assert [rc.failure_reason(code) for code in (403, 404, 422, 400)] == [
+        "Forbidden",
+        "NotFound",
+        "ApplyFailed",
+        "ApplyFailed",
+    ]
