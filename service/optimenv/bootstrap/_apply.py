@@ -181,32 +181,35 @@ def load_spec(spec: SpecArg, environ: Mapping[str, str]) -> tuple[dict[str, Any]
         path, origin = environ[SPEC_ENV], f"${SPEC_ENV}"
     else:
         path, origin = DEFAULT_SPEC_PATH, "the default location"
-    try:
-        text = _read(path)
-    except FileNotFoundError:
-        raise SpecError(
-            f"spec: no worker spec at {path} (from {origin}); pass --spec PATH, set {SPEC_ENV}, "
-            f"or mount the spec ConfigMap rendered by optimenv at {DEFAULT_SPEC_PATH}"
-        ) from None
-    except OSError as exc:
-        raise SpecError(f"spec: cannot read {path} (from {origin}): {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise SpecError(
-            f"spec: {path} (from {origin}) is not UTF-8 text; render it again with optimenv"
-        ) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SpecError(
-            f"spec: {path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); "
-            "render it again with optimenv"
-        ) from None
+    data = _read_json(
+        path,
+        error=SpecError,
+        label="spec",
+        where=f" (from {origin})",
+        missing=f"spec: no worker spec at {path} (from {origin}); pass --spec PATH, set {SPEC_ENV}, "
+        f"or mount the spec ConfigMap rendered by optimenv at {DEFAULT_SPEC_PATH}",
+        fix="render it again with optimenv",
+    )
     return verify_spec(data), os.path.abspath(path)
 
 
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8") as handle:  # not pathlib: it costs the exec path an import
-        return handle.read()
+def _read_json(path: str, *, error: type[Exception], label: str, where: str, missing: str, fix: str) -> Any:
+    """Parse the JSON file at ``path``; every way it can fail is one line of ``error``."""
+    try:
+        with open(path, encoding="utf-8") as handle:  # not pathlib: it costs the exec path an import
+            text = handle.read()
+    except FileNotFoundError:
+        raise error(missing) from None
+    except OSError as exc:
+        raise error(f"{label}: cannot read {path}{where}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise error(f"{label}: {path}{where} is not UTF-8 text; {fix}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(
+            f"{label}: {path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); {fix}"
+        ) from None
 
 
 def apply_spec(
@@ -329,26 +332,15 @@ def _check_deepspeed(doc: Mapping[str, Any], override: str | None) -> str | None
     path = override or doc.get("deepspeedPath")
     if not isinstance(path, str) or not path:
         raise SpecError("spec.deepspeedPath: missing although the spec has a DeepSpeed config")
-    try:
-        text = _read(path)
-    except FileNotFoundError:
-        raise BootstrapError(
-            f"deepspeed: the plan's DeepSpeed JSON is missing at {path}; mount the DeepSpeed "
-            "ConfigMap rendered with this spec there"
-        ) from None
-    except OSError as exc:
-        raise BootstrapError(f"deepspeed: cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise BootstrapError(
-            f"deepspeed: {path} is not UTF-8 text; mount the DeepSpeed ConfigMap rendered with this spec"
-        ) from None
-    try:
-        on_disk = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BootstrapError(
-            f"deepspeed: {path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); "
-            "mount the DeepSpeed ConfigMap rendered with this spec"
-        ) from None
+    on_disk = _read_json(
+        path,
+        error=BootstrapError,
+        label="deepspeed",
+        where="",
+        missing=f"deepspeed: the plan's DeepSpeed JSON is missing at {path}; mount the DeepSpeed "
+        "ConfigMap rendered with this spec there",
+        fix="mount the DeepSpeed ConfigMap rendered with this spec",
+    )
     if on_disk != planned:
         where = _first_difference(on_disk, planned, "")
         raise BootstrapError(
