@@ -66,6 +66,21 @@ def _options(argv: list[str], *, run: bool) -> tuple[str | None, bool, str | Non
     return spec, quiet, module, argv[i:]
 
 
+def _apply(spec: str | None, quiet: bool, *, in_process: bool, doing: str) -> None:
+    """Apply the spec to this process's environment, or exit with the one-line refusal."""
+    from optimenv.bootstrap._apply import apply_spec
+    from optimenv.errors import OptimEnvError
+
+    try:
+        applied = apply_spec(spec, os.environ, in_process=in_process)
+    except OptimEnvError as exc:
+        _fail(str(exc))
+    _point_at(applied.spec_path)
+    if not quiet:
+        sys.stderr.write(f"{PROG}: {applied.summary()}; {doing}\n")
+    sys.stderr.flush()
+
+
 def _point_at(spec_path: str | None) -> None:
     # So that apply() in the training script (to hold the ZeRO-3 config) finds the same spec.
     if spec_path is not None:
@@ -73,20 +88,10 @@ def _point_at(spec_path: str | None) -> None:
 
 
 def _exec(argv: list[str]) -> NoReturn:
-    from optimenv.bootstrap._apply import apply_spec
-    from optimenv.errors import OptimEnvError
-
     spec, quiet, _, command = _options(argv, run=False)
     if not command:
         _fail(f"no command to run\n{USAGE}", 2)
-    try:
-        applied = apply_spec(spec, os.environ, in_process=False)
-    except OptimEnvError as exc:
-        _fail(str(exc))
-    _point_at(applied.spec_path)
-    if not quiet:
-        sys.stderr.write(f"{PROG}: {applied.summary()}; exec {command[0]}\n")
-    sys.stderr.flush()
+    _apply(spec, quiet, in_process=False, doing=f"exec {command[0]}")
     sys.stdout.flush()
     try:
         os.execvpe(command[0], command, os.environ)
@@ -101,9 +106,6 @@ def _exec(argv: list[str]) -> NoReturn:
 def _run(argv: list[str]) -> None:
     import runpy
 
-    from optimenv.bootstrap._apply import apply_spec
-    from optimenv.errors import OptimEnvError
-
     spec, quiet, module, rest = _options(argv, run=True)
     if module is None:
         if not rest:
@@ -111,14 +113,7 @@ def _run(argv: list[str]) -> None:
         script = rest[0]
         if not os.path.isfile(script):
             _fail(f"run: {script}: no such file", 2)
-    try:
-        applied = apply_spec(spec, os.environ, in_process=True)
-    except OptimEnvError as exc:
-        _fail(str(exc))
-    _point_at(applied.spec_path)
-    if not quiet:
-        sys.stderr.write(f"{PROG}: {applied.summary()}; run {module or rest[0]}\n")
-        sys.stderr.flush()
+    _apply(spec, quiet, in_process=True, doing=f"run {module or rest[0]}")
     if module is not None:
         sys.argv = [module, *rest]
         runpy.run_module(module, run_name="__main__", alter_sys=True)
