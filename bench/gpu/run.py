@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shlex
 import shutil
 import statistics
@@ -553,6 +554,36 @@ def _median_step_rate(rec: dict[str, Any]) -> float:
     return float(r["tokens_per_step_global"] / statistics.median(steps))
 
 
+def _extra_contexts(rec: dict[str, Any]) -> int | None:
+    """How many CUDA contexts the launch's ranks hold beyond one each (from nvidia-smi after training)."""
+    pids = {r.get("gpu_snapshot", {}).get("pid") for r in rec["ranks"]} - {None}
+    apps = _rank0(rec).get("gpu_snapshot", {}).get("apps")
+    if not pids or not isinstance(apps, list):
+        return None
+    held = sum(1 for row in apps if row and row[0].isdigit() and int(row[0]) in pids)
+    return held - len(pids)
+
+
+def ratio_interval(
+    a: list[float], b: list[float], level: float = 0.9, draws: int = 4000, seed: int = 0
+) -> tuple[float, float] | None:
+    """Bootstrap interval of median(a) / median(b): how far launch-to-launch noise lets it move.
+
+    Resamples each path's launches with replacement (seeded: the same results give the same
+    interval). With 3-7 launches per path it is coarse, but it shows whether a ratio of 0.97 or
+    1.07 is distinguishable from 1.
+    """
+    if not a or not b:
+        return None
+    rng = random.Random(seed)
+    ratios = sorted(
+        statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b)))
+        for _ in range(draws)
+    )
+    tail = int(draws * (1 - level) / 2)
+    return ratios[tail], ratios[draws - 1 - tail]
+
+
 def compare_paths(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Tokens/s ratio, state identity, loss agreement for one scenario and GPU count."""
     tok_a = [_rank0(r)["tokens_per_s"] for r in a_runs]
@@ -581,6 +612,10 @@ def compare_paths(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]]) ->
                     state_diffs.append(f"{run['path']} rep {run['rep']} rank {rank['rank']}: {diff}")
     loss_a = [_rank0(r)["losses"] for r in a_runs]
     loss_b = [_rank0(r)["losses"] for r in b_runs]
+    contexts = {
+        path: [_extra_contexts(r) for r in runs]
+        for path, runs in (("optimenv", a_runs), ("accelerate", b_runs))
+    }
 
     def max_diff(xs: list[list[float]], ys: list[list[float]]) -> float | None:
         pairs = [max(abs(p - q) for p, q in zip(x, y, strict=True)) for x in xs for y in ys if x is not y]
@@ -595,6 +630,7 @@ def compare_paths(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]]) ->
         "tokens_per_s": {"optimenv": _stats(tok_a), "accelerate": _stats(tok_b)},
         "ratio_median_tokens_per_s": ratio,
         "ratio_ok": ratio is not None and ratio >= 0.98,
+        "ratio_interval_90": ratio_interval(tok_a, tok_b),
         "tokens_per_s_median_step": {"optimenv": _stats(med_a), "accelerate": _stats(med_b)},
         "ratio_median_step": statistics.median(med_a) / statistics.median(med_b) if med_a and med_b else None,
         "paired_ratios": [round(x, 4) for x in paired],
@@ -609,6 +645,8 @@ def compare_paths(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]]) ->
             "optimenv": sorted({_rank0(r)["params"]["local_bytes"] for r in a_runs}),
             "accelerate": sorted({_rank0(r)["params"]["local_bytes"] for r in b_runs}),
         },
+        # CUDA contexts a rank holds on GPUs other than its own (None: not recorded).
+        "extra_gpu_contexts": contexts,
         "state_identical": bool(a_runs and b_runs) and not state_diffs,
         "state_differences": state_diffs[:20],
         "loss_max_abs_diff_between_paths": between,
@@ -786,18 +824,30 @@ def layout_checks(ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return checks
 
 
+def _workload(rec: dict[str, Any]) -> str:
+    """What a launch measured on: the model, the batch shape and the GPU model."""
+    r = _rank0(rec)
+    a = r["args"]
+    device = r["device_name"].replace("NVIDIA ", "").split()[0]
+    return f"-{a['model']}-mb{a['micro_batch']}-seq{a['seq_len']}-{device}"
+
+
 def summarise(docs: list[dict[str, Any]]) -> dict[str, Any]:
     launches = [
         {**rec, "_call": i} for i, doc in enumerate(docs) for rec in doc["launches"] if not rec.get("warm_up")
     ]
     ok = [rec for rec in launches if rec["ok"]]
-    groups: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
+    # Launches of different workloads (model, micro-batch, sequence, GPU model) are never pooled;
+    # the workload joins the key only where the results hold more than one.
+    workloads = {_workload(rec) for rec in ok}
+    groups: dict[tuple[str, int, str], dict[str, list[dict[str, Any]]]] = {}
     for rec in ok:
-        groups.setdefault((rec["scenario"], rec["gpus"]), {}).setdefault(rec["path"], []).append(rec)
+        key = (rec["scenario"], rec["gpus"], _workload(rec) if len(workloads) > 1 else "")
+        groups.setdefault(key, {}).setdefault(rec["path"], []).append(rec)
     comparisons = {}
-    for (name, g), paths in sorted(groups.items()):
+    for (name, g, workload), paths in sorted(groups.items()):
         if "accelerate" in paths or (SCENARIOS.get(name) and SCENARIOS[name].accelerate):
-            comparisons[f"{name}-g{g}"] = compare_paths(
+            comparisons[f"{name}-g{g}{workload}"] = compare_paths(
                 paths.get("optimenv", []), paths.get("accelerate", [])
             )
     devices = sorted({r["device_name"] for rec in ok for r in rec["ranks"]})
@@ -827,16 +877,20 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _interval(bounds: Any) -> str:
+    return "-" if not bounds else f"{bounds[0]:.3f} to {bounds[1]:.3f}"
+
+
 def _median(stats: dict[str, float] | None) -> str:
     return "-" if not stats else f"{stats['median']:.2f}"
 
 
 def markdown(summary: dict[str, Any]) -> str:
     lines = [
-        "| scenario | tokens/s optimenv (min/med/max) | tokens/s accelerate | ratio of medians | paired A/B "
-        "(median) | state | loss Δ max "
+        "| scenario | tokens/s optimenv (min/med/max) | tokens/s accelerate | ratio of medians "
+        "| 90% interval | paired A/B (median) | ratio, median step | state | loss Δ max "
         "| 1st step s optimenv | 1st step s accelerate | peak GiB opt/acc (median) | param bytes/rank |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, c in summary["comparisons"].items():
         ratio = c["ratio_median_tokens_per_s"]
@@ -845,7 +899,8 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {key} | {_fmt(c['tokens_per_s']['optimenv'])} | {_fmt(c['tokens_per_s']['accelerate'])} | "
             f"{'-' if ratio is None else f'{ratio:.3f}'} {'ok' if c['ratio_ok'] else 'FAIL'} | "
-            f"{_num(c['paired_ratio_median'])} {c['paired_ratios']} | "
+            f"{_interval(c.get('ratio_interval_90'))} | "
+            f"{_num(c['paired_ratio_median'])} {c['paired_ratios']} | {_num(c['ratio_median_step'])} | "
             f"{'identical' if c['state_identical'] else 'DIFFERENT'} | "
             f"{'-' if loss is None else f'{loss:.4f}'} {'ok' if c['losses_ok'] else 'FAIL'} | "
             f"{_fmt(c['first_step_from_launch_s']['optimenv'], digits=1)} | "
@@ -854,6 +909,14 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{c['param_local_bytes_rank0']['optimenv']} |"
         )
     lines.append("")
+    for key, c in summary["comparisons"].items():
+        extra = c.get("extra_gpu_contexts", {})
+        seen = [n for runs in extra.values() for n in runs if n is not None]
+        if seen:  # recorded since the second GPU session
+            lines.append(
+                f"- {'ok  ' if not any(seen) else 'NOTE'} {key}: CUDA contexts beyond one per rank, "
+                f"per launch: optimenv {extra.get('optimenv')}, accelerate {extra.get('accelerate')}"
+            )
     for check in summary["semantic"] + summary["layouts"]:
         lines.append(
             f"- {'ok  ' if check['ok'] else 'FAIL'} {check['check']}: {json.dumps(check['observed'])}"

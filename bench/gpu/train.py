@@ -43,7 +43,16 @@ MODELS: dict[str, dict[str, int]] = {
 }
 VOCAB = 32000
 # Environment variables recorded per run (what Accelerate reads; the rest is launcher detail).
-ENV_PREFIXES = ("ACCELERATE_", "FSDP_", "PARALLELISM_CONFIG_", "OPTIMENV_")
+ENV_PREFIXES = (
+    "ACCELERATE_",
+    "FSDP_",
+    "PARALLELISM_CONFIG_",
+    "OPTIMENV_",
+    "NCCL_",
+    "OMP_",
+    "CUDA_",
+    "PYTORCH_",
+)
 ENV_NAMES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -212,6 +221,31 @@ def cuda_mem() -> dict[str, int]:
     }
 
 
+def gpu_snapshot() -> dict[str, Any]:
+    """Which processes hold a context on which GPU, and the GPUs' clocks, power and temperature.
+
+    Read after training, while every rank still holds its context: a rank with a context on a GPU
+    other than its own (an early CUDA init before Accelerate picks the device) shows here.
+    """
+    import subprocess
+
+    queries = {
+        "apps": ["--query-compute-apps=pid,gpu_uuid,used_memory", "--format=csv,noheader,nounits"],
+        "gpus": [
+            "--query-gpu=index,uuid,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu",
+            "--format=csv,noheader,nounits",
+        ],
+    }
+    snap: dict[str, Any] = {"pid": os.getpid()}
+    for key, query in queries.items():
+        try:
+            res = subprocess.run(["nvidia-smi", *query], capture_output=True, text=True, timeout=20)
+            snap[key] = [[c.strip() for c in line.split(",")] for line in res.stdout.strip().splitlines()]
+        except (OSError, subprocess.SubprocessError) as exc:
+            snap[key] = f"unavailable: {exc}"
+    return snap
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -302,6 +336,10 @@ def main(argv: list[str] | None = None) -> None:
         sync()
         step_end.append(time.time())
     mem_train = cuda_mem()
+    # Every rank reaches this point before any snapshot: the ranks' contexts are all alive.
+    accelerator.wait_for_everyone()
+    snapshot = gpu_snapshot() if torch.cuda.is_available() else {"pid": os.getpid()}
+    accelerator.wait_for_everyone()
 
     timed = args.steps - args.warmup
     elapsed = step_end[-1] - step_end[args.warmup - 1] if args.warmup > 0 else step_end[-1] - step_end[0]
@@ -354,6 +392,10 @@ def main(argv: list[str] | None = None) -> None:
         "first_step_from_launch_s": step_end[0] - launch_t0,
         "mem_after_prepare": mem_after_prepare,
         "mem_train": mem_train,
+        "gpu_snapshot": snapshot,
+        "cuda_device": torch.cuda.current_device() if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     if rank == 0:
