@@ -174,6 +174,13 @@ class Controller:
         # No longer wanted (spec.job removed or retargeted): kept as is until the owner goes.
         return want is None or rc.in_sync(job, want)
 
+    def waiting_for(self, namespace: str, job: Mapping[str, Any]) -> list[str]:
+        """The OptimEnvs of ``namespace`` that want a job of this kind and name (as last reconciled)."""
+        key = rc.child_key(job)
+        return sorted(
+            name for (ns, name), wanted in self._wanted_jobs.items() if ns == namespace and key in wanted
+        )
+
     async def reconcile_with_retries(self, key: tuple[str, str]) -> None:
         """For triggers kopf does not retry (ConfigMap, job events): retry here, with the server's delay."""
         for attempt in range(EVENT_ATTEMPTS):
@@ -310,12 +317,19 @@ def build_registry(
 
     async def job_event(type: str | None, namespace: str | None, body: kopf.Body, **_: Any) -> None:
         owner = rc.controller_owner(body)
-        # type None is a listing (start, or a re-list after a 410), handled like a change; a job that no
-        # OptimEnv controls is none of our business.
-        if namespace is None or owner is None:
+        if namespace is None:
             return
-        if type != "DELETED" and controller.job_as_applied(namespace, owner, body):
-            return  # the echo of our own apply, or the job operator writing status
+        if type == "DELETED":
+            # The name is free: the owner re-creates its job, and an OptimEnv held back by a job of
+            # that name it does not own (NameConflict) can now create its own, without a resync.
+            names = {owner} if owner else set()
+            for name in sorted(names | set(controller.waiting_for(namespace, body))):
+                await controller.reconcile_with_retries((namespace, name))
+            return
+        # type None is a listing (start, or a re-list after a 410), handled like a change; a change of
+        # a job that no OptimEnv controls is none of our business.
+        if owner is None or controller.job_as_applied(namespace, owner, body):
+            return  # not ours, the echo of our own apply, or the job operator writing status
         await controller.reconcile_with_retries((namespace, owner))
 
     for kind in sorted(set(job_kinds)):

@@ -16,7 +16,15 @@ from optimenv_controller.handlers import Controller
 from tests.controller.apiserver import ApiServer, eventually, settle
 from tests.controller.conftest import NS, optimenv
 from tests.controller.harness import running_operator
-from tests.controller.test_wire import applies, creates, events, ready, status_writes, user_patch
+from tests.controller.test_wire import (
+    applies,
+    condition,
+    creates,
+    events,
+    ready,
+    status_writes,
+    user_patch,
+)
 
 JOB = {"image": "registry.example/train:1", "command": ["python", "train.py"]}
 # kind option → (kmock resource, API path of the collection, kind)
@@ -160,6 +168,43 @@ async def test_jobs_not_owned_by_an_optimenv_are_ignored(kmock: ApiServer) -> No
         assert reconciles(op.controller) == count
     assert controller_requests(kmock, mark) == []
     assert kmock.obj(PT_RESOURCE, NS, "plain") is None  # deleted by the user, not re-created
+
+
+async def test_a_foreign_job_holding_the_name_is_watched_until_it_goes(kmock: ApiServer) -> None:
+    """NameConflict on a job: nothing written; once the user deletes that job, the children follow at once."""
+    foreign = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": "demo", "namespace": NS},
+        "spec": {"a": 1},
+    }
+    kmock.put_object(PT_RESOURCE, foreign)
+    kmock.put_object("optimenv.dev/v1alpha1/optimenvs", optimenv(job={"target": "pytorchjob", **JOB}))
+    async with running_operator(str(kmock.url), job_kinds=("pytorchjob",)) as op:
+        await eventually(lambda: condition(kmock, "demo", "Ready").get("reason") == "NameConflict")
+        await settle(kmock)
+        assert applies(kmock.writes()) == creates(kmock.writes()) == []
+        count = reconciles(op.controller)
+        # Changing the foreign job is still none of our business.
+        await user_patch(kmock, f"{PT_PATH}/demo", {"spec": {"a": 2}})
+        await settle(kmock)
+        assert reconciles(op.controller) == count
+        mark = kmock.count
+        await user_delete(kmock, f"{PT_PATH}/demo")
+        await eventually(lambda: ready(kmock))
+        await settle(kmock)
+        assert reconciles(op.controller) == count + 1  # the deletion; not the echoes of the creates
+    writes = kmock.writes(since=mark)
+    created = creates(writes)
+    assert [r.url.path for r in created] == [
+        *([f"/api/v1/namespaces/{NS}/configmaps"] * 3),
+        PT_PATH,  # the job last: it mounts the ConfigMaps
+    ]
+    assert all(r.params["fieldManager"] == "optimenv" for r in created)
+    job = kmock.obj(PT_RESOURCE, NS, "demo")
+    assert job is not None and job["metadata"]["ownerReferences"][0]["kind"] == "OptimEnv"
+    assert condition(kmock, "demo", "Ready")["reason"] == "Applied"
+    assert len(status_writes(writes)) == 1
 
 
 async def test_job_kinds_are_watched_only_when_asked(kmock: ApiServer) -> None:
