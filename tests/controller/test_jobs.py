@@ -13,18 +13,11 @@ from typing import Any
 import pytest
 
 from optimenv_controller.handlers import Controller
+from tests.controller import test_wire as wire
 from tests.controller.apiserver import ApiServer, eventually, settle
 from tests.controller.conftest import NS, optimenv
 from tests.controller.harness import running_operator
-from tests.controller.test_wire import (
-    applies,
-    condition,
-    creates,
-    events,
-    ready,
-    status_writes,
-    user_patch,
-)
+from tests.controller.test_wire import applies, creates, events, ready, status_writes, user_patch
 
 JOB = {"image": "registry.example/train:1", "command": ["python", "train.py"]}
 # kind option → (kmock resource, API path of the collection, kind)
@@ -181,7 +174,7 @@ async def test_a_foreign_job_holding_the_name_is_watched_until_it_goes(kmock: Ap
     kmock.put_object(PT_RESOURCE, foreign)
     kmock.put_object("optimenv.dev/v1alpha1/optimenvs", optimenv(job={"target": "pytorchjob", **JOB}))
     async with running_operator(str(kmock.url), job_kinds=("pytorchjob",)) as op:
-        await eventually(lambda: condition(kmock, "demo", "Ready").get("reason") == "NameConflict")
+        await eventually(lambda: wire.condition(kmock, "demo", "Ready").get("reason") == "NameConflict")
         await settle(kmock)
         assert applies(kmock.writes()) == creates(kmock.writes()) == []
         count = reconciles(op.controller)
@@ -203,7 +196,7 @@ async def test_a_foreign_job_holding_the_name_is_watched_until_it_goes(kmock: Ap
     assert all(r.params["fieldManager"] == "optimenv" for r in created)
     job = kmock.obj(PT_RESOURCE, NS, "demo")
     assert job is not None and job["metadata"]["ownerReferences"][0]["kind"] == "OptimEnv"
-    assert condition(kmock, "demo", "Ready")["reason"] == "Applied"
+    assert wire.condition(kmock, "demo", "Ready")["reason"] == "Applied"
     assert len(status_writes(writes)) == 1
 
 
