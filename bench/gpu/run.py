@@ -170,7 +170,7 @@ def optimenv_launch(
     from optimenv.config import load_config
     from optimenv.plan import Hardware, plan
     from optimenv.render import JobOptions, render
-    from optimenv.render._common import SPEC_PATH
+    from optimenv.spec import SPEC_PATH
 
     label = f"{scenario.name}-g{gpus}-optimenv-{rep}"
     out_dir = str(work / label)

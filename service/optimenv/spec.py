@@ -17,6 +17,10 @@ if TYPE_CHECKING:  # the bootstrap reads specs without importing the planner (py
 
 API_VERSION = "optimenv.dev/v1alpha1"
 KIND = "WorkerSpec"
+# Where the rendered spec ConfigMap is mounted, and the variable naming it: the renderers write both,
+# the bootstrap reads them (the mount path is its default).
+SPEC_PATH = "/etc/optimenv/spec.json"
+SPEC_ENV = "OPTIMENV_SPEC"
 Policy = Literal["plan-wins", "user-wins"]
 POLICIES: tuple[Policy, ...] = ("plan-wins", "user-wins")
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from optimenv.bootstrap import _apply
+from optimenv.spec import SpecError
 from tests.bootstrap.support import FSDP2, PRINT_ENV, ZERO3, MakeSpec, bootstrap, child_env, clean_env
 
 pytestmark = pytest.mark.slow
@@ -144,14 +146,20 @@ def test_spec_from_optimenv_spec_variable(make_spec: MakeSpec) -> None:
 
 
 def test_missing_spec(tmp_path: Path) -> None:
-    if Path("/etc/optimenv/spec.json").exists():
-        pytest.skip("this machine has a spec at the default location")
-    line = _one_error_line(bootstrap("--", *PRINT_ENV))
-    assert "no worker spec at /etc/optimenv/spec.json (from the default location)" in line
     line = _one_error_line(
         bootstrap("--", *PRINT_ENV, env=clean_env(OPTIMENV_SPEC=str(tmp_path / "nope.json")))
     )
     assert f"no worker spec at {tmp_path / 'nope.json'} (from $OPTIMENV_SPEC)" in line
+
+
+def test_missing_spec_at_the_default_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default pointed into an empty directory: whatever this machine has in /etc plays no part.
+    default = tmp_path / "spec.json"
+    monkeypatch.setattr(_apply, "SPEC_PATH", str(default))
+    with pytest.raises(SpecError) as refused:
+        _apply.load_spec(None, {})
+    assert f"no worker spec at {default} (from the default location)" in str(refused.value)
+    assert f"mount the spec ConfigMap rendered by optimenv at {default}" in str(refused.value)
 
 
 def test_bad_hash(make_spec: MakeSpec) -> None:

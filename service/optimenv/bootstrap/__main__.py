@@ -83,8 +83,10 @@ def _apply(spec: str | None, quiet: bool, *, in_process: bool, doing: str) -> No
 
 def _point_at(spec_path: str | None) -> None:
     # So that apply() in the training script (to hold the ZeRO-3 config) finds the same spec.
+    from optimenv.spec import SPEC_ENV
+
     if spec_path is not None:
-        os.environ["OPTIMENV_SPEC"] = spec_path
+        os.environ[SPEC_ENV] = spec_path
 
 
 def _exec(argv: list[str]) -> NoReturn:

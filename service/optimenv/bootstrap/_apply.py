@@ -15,10 +15,7 @@ from typing import Any, Literal, NamedTuple
 
 from optimenv.bootstrap import _probe
 from optimenv.errors import OptimEnvError
-from optimenv.spec import SpecError, verify_spec
-
-DEFAULT_SPEC_PATH = "/etc/optimenv/spec.json"
-SPEC_ENV = "OPTIMENV_SPEC"
+from optimenv.spec import SPEC_ENV, SPEC_PATH, SpecError, verify_spec
 
 #: Set by the launcher (torchrun, the operators, Ray Train): the bootstrap never writes these,
 #: except the single-GPU DeepSpeed defaults, and those only where nothing is set.
@@ -180,14 +177,14 @@ def load_spec(spec: SpecArg, environ: Mapping[str, str]) -> tuple[dict[str, Any]
     elif environ.get(SPEC_ENV):
         path, origin = environ[SPEC_ENV], f"${SPEC_ENV}"
     else:
-        path, origin = DEFAULT_SPEC_PATH, "the default location"
+        path, origin = SPEC_PATH, "the default location"
     data = _read_json(
         path,
         error=SpecError,
         label="spec",
         where=f" (from {origin})",
         missing=f"spec: no worker spec at {path} (from {origin}); pass --spec PATH, set {SPEC_ENV}, "
-        f"or mount the spec ConfigMap rendered by optimenv at {DEFAULT_SPEC_PATH}",
+        f"or mount the spec ConfigMap rendered by optimenv at {SPEC_PATH}",
         fix="render it again with optimenv",
     )
     return verify_spec(data), os.path.abspath(path)

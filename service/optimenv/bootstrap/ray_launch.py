@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from optimenv.spec import SPEC_ENV
+
 
 @click.command(
     name="ray-launch",
@@ -14,7 +16,7 @@ import click
 @click.option(
     "--spec",
     "spec",
-    envvar="OPTIMENV_SPEC",
+    envvar=SPEC_ENV,
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="Worker spec (JSON rendered by optimenv); default $OPTIMENV_SPEC.",

@@ -10,11 +10,18 @@ from typing import Any
 
 from optimenv.errors import ConfigError, OptimEnvError
 from optimenv.plan import Plan, check_world_size
-from optimenv.spec import POLICIES, Policy, build_spec, content_hash, deepspeed_text, spec_text
+from optimenv.spec import (
+    POLICIES,
+    SPEC_PATH,
+    Policy,
+    build_spec,
+    content_hash,
+    deepspeed_text,
+    spec_text,
+)
 
 TARGETS = ("rayjob", "pytorchjob", "trainjob", "configmaps")
 CONTENT_HASH_ANNOTATION = "optimenv.dev/content-hash"
-SPEC_PATH = "/etc/optimenv/spec.json"
 BOOTSTRAP = ("optimenv-bootstrap", "--spec", SPEC_PATH, "--")
 GPU_RESOURCE = "nvidia.com/gpu"
 # ValidateConfigMap sums the bytes of data + binaryData values (kubernetes pkg/apis/core).

@@ -16,7 +16,6 @@ from optimenv.errors import ConfigError
 from optimenv.plan import Plan
 from optimenv.render._common import (
     BOOTSTRAP,
-    SPEC_PATH,
     ConfigMaps,
     JobOptions,
     check_name,
@@ -30,6 +29,7 @@ from optimenv.render._common import (
     volume_mounts,
     volumes,
 )
+from optimenv.spec import SPEC_ENV, SPEC_PATH
 
 # ---------------------------------------------------------------------------------------------
 # Name budgets (operators-env.md §0.1, §1.1, §3.2, §4.1)
@@ -51,7 +51,7 @@ def _env(cms: ConfigMaps) -> dict[str, Any]:
     """``envFrom`` the planned variables (a container's own ``env`` still wins) + the spec path."""
     return {
         "envFrom": [{"configMapRef": {"name": cms.env_name}}],
-        "env": [{"name": "OPTIMENV_SPEC", "value": SPEC_PATH}],
+        "env": [{"name": SPEC_ENV, "value": SPEC_PATH}],
     }
 
 
@@ -232,7 +232,7 @@ def trainjob(plan: Plan, options: JobOptions, cms: ConfigMaps) -> dict[str, Any]
         launch = [*BOOTSTRAP, *TORCHRUN, *command]
 
     # trainer.env has no envFrom: reference the env ConfigMap key by key (never PET_*, at most 128).
-    env: list[dict[str, Any]] = [{"name": "OPTIMENV_SPEC", "value": SPEC_PATH}]
+    env: list[dict[str, Any]] = [{"name": SPEC_ENV, "value": SPEC_PATH}]
     env += [
         {"name": key, "valueFrom": {"configMapKeyRef": {"name": cms.env_name, "key": key}}}
         for key in cms.planned
