@@ -263,7 +263,7 @@ def _launch(path: str, rep: int, tokens: float, micro_batch: int, device: str) -
 
 
 def test_summary_never_pools_different_workloads_or_gpu_models() -> None:
-    machine = {"machine": {"versions": {}}}
+    machine: dict[str, Any] = {"machine": {"versions": {}}}
     h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
     launches = [
         _launch("optimenv", 0, 100.0, 8, h100),
@@ -320,10 +320,8 @@ def test_recorded_gpu_comparison_runs_agree_between_paths() -> None:
     assert not summary["failed"]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(420)
-def test_both_paths_train_alike_on_cpus(tmp_path: Path) -> None:
-    """FSDP2 and ZeRO-3 over 2 processes, both paths, through the real runner (gloo, test shim)."""
+def _run_on_cpus(tmp_path: Path, gpus: int, scenarios: str, base_port: int) -> dict[str, Any]:
+    """The real runner with ``gpus`` gloo processes on CPUs (test shim); its summary and results."""
     env = {
         **os.environ,
         "GPU_BENCH_CPU_SHIM": "1",
@@ -333,45 +331,32 @@ def test_both_paths_train_alike_on_cpus(tmp_path: Path) -> None:
     }
     out = tmp_path / "out"
     argv = [
-        sys.executable,
-        str(BENCH / "run.py"),
-        "--gpus",
-        "2",
-        "--scenarios",
-        "fsdp2,zero3",
-        "--reps",
-        "1",
-        "--model",
-        "llama-tiny",
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--seq-len",
-        "32",
-        "--micro-batch",
-        "2",
-        "--mount-root",
-        str(tmp_path / "mnt"),
-        "--work",
-        str(tmp_path / "work"),
-        "--out",
-        str(out),
-        "--base-port",
-        "31456",
-        "--launch-timeout",
-        "180",
-    ]
+        sys.executable, str(BENCH / "run.py"), "--gpus", str(gpus), "--scenarios", scenarios,
+        "--reps", "1", "--model", "llama-tiny", "--steps", "3", "--warmup", "1", "--seq-len", "32",
+        "--micro-batch", "2",
+        "--mount-root", str(tmp_path / "mnt"), "--work", str(tmp_path / "work"), "--out", str(out),
+        "--base-port", str(base_port), "--launch-timeout", "180",
+    ]  # fmt: skip
     proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    return {
+        "summary": json.loads((out / "summary.json").read_text()),
+        "results": json.loads((out / "results.json").read_text()),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_both_paths_train_alike_on_cpus(tmp_path: Path) -> None:
+    """FSDP2 and ZeRO-3 over 2 processes, both paths, through the real runner (gloo, test shim)."""
+    ran = _run_on_cpus(tmp_path, 2, "fsdp2,zero3", 31456)
+    summary = ran["summary"]
     for key in ("fsdp2-g2", "zero3-g2"):
         c = summary["comparisons"][key]
         assert c["state_identical"], c["state_differences"]
         assert c["loss_max_abs_diff_between_paths"] == 0.0
         assert c["param_local_bytes_rank0"]["optimenv"] == c["param_local_bytes_rank0"]["accelerate"]
-    results = json.loads((out / "results.json").read_text())
-    for launch in results["launches"]:
+    for launch in ran["results"]["launches"]:
         kind = "zero3_partition" if launch["scenario"] == "zero3" else "dtensor"
         for rank in launch["ranks"]:
             assert rank["params"]["kinds"] == [kind]
@@ -385,24 +370,7 @@ def test_both_paths_train_alike_on_cpus(tmp_path: Path) -> None:
 @pytest.mark.timeout(420)
 def test_4rank_layouts_shard_as_planned_on_cpus(tmp_path: Path) -> None:
     """Issue 9 on CPUs: HSDP 2 x 2 and ZeRO-3 over 4 ranks, both paths, mesh and shares as planned."""
-    env = {
-        **os.environ,
-        "GPU_BENCH_CPU_SHIM": "1",
-        "PYTHONPATH": str(SHIM),
-        "OMP_NUM_THREADS": "1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    out = tmp_path / "out"
-    argv = [
-        sys.executable, str(BENCH / "run.py"), "--gpus", "4", "--scenarios", "fsdp2-hsdp,zero3",
-        "--reps", "1", "--model", "llama-tiny", "--steps", "3", "--warmup", "1", "--seq-len", "32",
-        "--micro-batch", "2",
-        "--mount-root", str(tmp_path / "mnt"), "--work", str(tmp_path / "work"), "--out", str(out),
-        "--base-port", "32456", "--launch-timeout", "180",
-    ]  # fmt: skip
-    proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _run_on_cpus(tmp_path, 4, "fsdp2-hsdp,zero3", 32456)["summary"]
     for key in ("fsdp2-hsdp-g4", "zero3-g4"):
         assert summary["comparisons"][key]["state_identical"], summary["comparisons"][key][
             "state_differences"
