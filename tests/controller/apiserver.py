@@ -168,14 +168,18 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
         async with self._lock:
             if self._live(key) is not None:
                 raise kmock._internal.k8s.KubernetesObjectConflictError()
-            data.setdefault("metadata", {}).setdefault("namespace", key[1])
-            self._stamp(data, None)
-            if key in self.objects:
-                self.objects[key].create(data)
-            else:
-                self.objects[key] = data
-            raw = self.objects[key].raw
-            await self._publish(request, "ADDED", raw)
+            return await self._insert(request, key, data)
+
+    async def _insert(self, request: rendering.Request, key: Any, data: dict[str, Any]) -> Any:
+        """Store a new object (the lock held) and publish its ADDED event."""
+        data.setdefault("metadata", {}).setdefault("namespace", key[1])
+        self._stamp(data, None)
+        if key in self.objects:
+            self.objects[key].create(data)
+        else:
+            self.objects[key] = data
+        raw = self.objects[key].raw
+        await self._publish(request, "ADDED", raw)
         return raw
 
     async def _serve_update(self, request: rendering.Request) -> Any:
@@ -187,16 +191,7 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
             if live is None:
                 if not apply or status_only:
                     raise kmock.KubernetesObjectNotFoundError()
-                data = copy.deepcopy(request.data)
-                data.setdefault("metadata", {}).setdefault("namespace", key[1])
-                self._stamp(data, None)
-                if key in self.objects:
-                    self.objects[key].create(data)
-                else:
-                    self.objects[key] = data
-                raw = self.objects[key].raw
-                await self._publish(request, "ADDED", raw)
-                return raw
+                return await self._insert(request, key, copy.deepcopy(request.data))
             old = live.raw
             patch = copy.deepcopy(request.data)
             if status_only:  # the /status subresource ignores everything but status
