@@ -65,6 +65,9 @@ class Scenario:
     # Issue 9: the device mesh Accelerate must build, and the share of the model one rank holds.
     mesh: tuple[tuple[str, ...], tuple[int, ...]] | None = None
     shard_fraction: dict[int, float] = field(default_factory=dict)
+    # Tensor parallelism splits the parameters in the model's TP plan a further tp_size ways;
+    # the rest (embeddings, norms) stays whole across "tp".
+    tp_size: int = 1
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -100,7 +103,8 @@ SCENARIOS: dict[str, Scenario] = {
             (4,),
             needs_model_dir=True,
             mesh=(("dp_shard", "tp"), (2, 2)),
-            shard_fraction={4: 0.25},
+            shard_fraction={4: 0.5},
+            tp_size=2,
         ),
     )
 }
@@ -811,17 +815,31 @@ def layout_checks(ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 }
             )
         if expected_fraction is not None and rec["gpus"] > 1:
-            fr = [k["params"]["local_bytes"] / k["params"]["full_bytes"] for k in rec["ranks"]]
-            # Norm weights stay whole under tensor parallelism: allow 5% above the share.
+            observed, expected = [], []
+            for k in rec["ranks"]:
+                full = k["params"]["full_bytes"]
+                observed.append(k["params"]["local_bytes"] / full)
+                share = expected_fraction
+                if scenario.tp_size > 1:
+                    in_plan = k["creation"]["tp_plan_full_bytes"]
+                    share *= (full - in_plan + in_plan / scenario.tp_size) / full
+                expected.append(share)
             checks.append(
                 {
                     "check": f"{rec['scenario']} g{rec['gpus']} {rec['path']}: "
-                    f"rank holds {expected_fraction:g} of the parameters",
-                    "observed": [round(f, 4) for f in fr],
-                    "ok": all(expected_fraction * 0.98 <= f <= expected_fraction * 1.05 for f in fr),
+                    f"rank holds {_share_text(scenario, rec['gpus'], expected[0])} of the parameters",
+                    "observed": [round(f, 4) for f in observed],
+                    "ok": all(abs(f - e) <= 0.01 * e for f, e in zip(observed, expected, strict=True)),
                 }
             )
     return checks
+
+
+def _share_text(scenario: Scenario, gpus: int, expected: float) -> str:
+    base = f"{scenario.shard_fraction[gpus]:g}"
+    if scenario.tp_size == 1:
+        return base
+    return f"{expected:.4f} ({base} of all, 1/{scenario.tp_size} more of the TP plan's)"
 
 
 def _workload(rec: dict[str, Any]) -> str:

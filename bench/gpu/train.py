@@ -184,6 +184,7 @@ def param_bytes(model: torch.nn.Module) -> dict[str, Any]:
     full = 0
     dtypes: set[str] = set()
     kinds: set[str] = set()
+    placements: dict[str, int] = {}  # DTensor placements -> parameter count (FSDP2 / TP layout)
     for p in model.parameters():
         ds_tensor = getattr(p, "ds_tensor", None)
         if ds_tensor is not None:  # DeepSpeed ZeRO-3: the partition; p itself is an empty placeholder
@@ -194,6 +195,8 @@ def param_bytes(model: torch.nn.Module) -> dict[str, Any]:
             shard = p.to_local()
             numel_full = p.numel()
             kinds.add("dtensor")
+            key = f"{tuple(p.device_mesh.mesh_dim_names or ())}={p.placements}"
+            placements[key] = placements.get(key, 0) + 1
         else:
             shard = p
             numel_full = p.numel()
@@ -207,7 +210,25 @@ def param_bytes(model: torch.nn.Module) -> dict[str, Any]:
         "full_bytes": full,
         "dtypes": sorted(dtypes),
         "kinds": sorted(kinds),
+        "placements": dict(sorted(placements.items())),
     }
+
+
+def tp_plan_full_bytes(model: torch.nn.Module) -> int:
+    """Full bytes of the parameters the model's own tensor-parallel plan shards (names, not layout).
+
+    The plan maps module patterns ("model.layers.*.mlp.up_proj", "lm_head") to a style; every other
+    parameter (embeddings, norms) stays whole across the "tp" dimension.
+    """
+    import fnmatch
+
+    plan = getattr(model, "tp_plan", None) or {}
+    total = 0
+    for name, p in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        if any(fnmatch.fnmatchcase(module, pattern) for pattern in plan):
+            total += p.numel() * p.element_size()
+    return total
 
 
 def cuda_mem() -> dict[str, int]:
@@ -263,14 +284,18 @@ def build_model(args: argparse.Namespace, accelerator: Any) -> tuple[torch.nn.Mo
         pc = accelerator.parallelism_config
         if pc is not None and pc.tp_enabled:
             # Accelerate's N-D recipe: transformers shards the linear layers over the "tp" dimension
-            # of Accelerate's mesh (transformers 5.17, the GPU image's: it checks tp x fsdp = world
-            # and applies only TP when tp > 1; Accelerate then shards over "dp_shard").
-            from transformers.distributed import DistributedConfig
+            # of Accelerate's mesh, then Accelerate shards over "dp_shard". Accelerate 1.15's FSDP2 +
+            # TP step imports transformers' ReplicateParallel, which only transformers 5.0.0 of the
+            # 5.x line has: that release takes tp_plan/device_mesh as keywords (it picks mesh["tp"]).
+            import transformers.distributed as tdist
 
-            dist = DistributedConfig(
-                tp_plan="auto", tp_size=pc.tp_size, fsdp_size=pc.total_size // pc.tp_size
-            )
-            kwargs = {"distributed_config": dist, "device_mesh": mesh}
+            if "tp_plan" in getattr(tdist.DistributedConfig, "__dataclass_fields__", {}):
+                dist = tdist.DistributedConfig(
+                    tp_plan="auto", tp_size=pc.tp_size, fsdp_size=pc.total_size // pc.tp_size
+                )
+                kwargs = {"distributed_config": dist, "device_mesh": mesh}
+            else:
+                kwargs = {"tp_plan": "auto", "device_mesh": mesh}
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, **kwargs)
     else:
         model = AutoModelForCausalLM.from_config(llama_config(args.model))
@@ -278,6 +303,8 @@ def build_model(args: argparse.Namespace, accelerator: Any) -> tuple[torch.nn.Mo
     at_creation = param_bytes(model)
     info["created_partitioned"] = "zero3_partition" in at_creation["kinds"]
     info["params_at_creation"] = at_creation
+    if args.model_dir:
+        info["tp_plan_full_bytes"] = tp_plan_full_bytes(model)
     info["num_params"] = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
     return model, info
 

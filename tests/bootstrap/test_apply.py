@@ -8,11 +8,12 @@ for the life of the process) is tested in child processes, in test_in_process.py
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from optimenv.bootstrap import Applied, BootstrapError, apply
+from optimenv.bootstrap import Applied, BootstrapError, _probe, apply
 from optimenv.errors import OptimEnvError
 from optimenv.plan import Hardware
 from optimenv.spec import SpecError, content_hash
@@ -143,6 +144,54 @@ def test_deepspeed_json_that_hard_codes_bf16_on_a_worker_without_bf16(make_spec:
         make_spec(config, hardware=Hardware(bf16_supported=True), name="b.json").spec, environ=env
     )
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16" and isinstance(applied, Applied)
+
+
+FSDP2_TP = {**FSDP2, "dp_shard_size": 2, "tensor_parallel_size": 2}
+
+
+def test_fsdp2_tensor_parallel_is_refused_where_accelerate_cannot_prepare_it(make_spec: MakeSpec) -> None:
+    """The pinned pair (Accelerate 1.15.0, transformers 5.24.0) fails in Accelerator._prepare_tp.
+
+    docs/gpu.md: Accelerate imports ReplicateParallel, which transformers dropped after 5.0.0; on
+    the GPUs both launch paths stopped there, after loading the model.
+    """
+    files = make_spec(FSDP2_TP, hardware=Hardware(nodes=1, gpus_per_node=4))
+    env: dict[str, str] = {"PATH": "/bin"}
+    with pytest.raises(BootstrapError) as info:
+        apply(files.spec, environ=env)
+    message = str(info.value)
+    assert message.startswith("tensor_parallel_size: 2 with FSDP2 cannot train on this worker")
+    assert "accelerate 1.15.0 imports ReplicateParallel" in message
+    assert "transformers 5.24.0 does not have" in message and "transformers==5.0.0" in message
+    assert env == {"PATH": "/bin"}
+    # Training on CPUs (optimenv run, Ray mode) never takes Accelerate's FSDP2 path.
+    on_cpu = {"ACCELERATE_USE_CPU": "true"}
+    apply(files.spec, environ=on_cpu)
+    assert on_cpu["PARALLELISM_CONFIG_TP_SIZE"] == "2"
+    # Data parallelism alone (HSDP) never reaches that import.
+    hsdp = {**FSDP2, "dp_replicate_size": 2, "dp_shard_size": 2}
+    applied = apply(
+        make_spec(hsdp, hardware=Hardware(nodes=1, gpus_per_node=4), name="h.json").spec, environ=env
+    )
+    assert env["PARALLELISM_CONFIG_DP_REPLICATE_SIZE"] == "2" and isinstance(applied, Applied)
+
+
+def test_tensor_parallel_source_gap_reads_both_packages(tmp_path: Path) -> None:
+    accelerate, transformers = tmp_path / "accelerate", tmp_path / "transformers"
+    (transformers / "integrations").mkdir(parents=True)
+    accelerate.mkdir()
+    importing = "from transformers.integrations.tensor_parallel import ReplicateParallel\n"
+    (accelerate / "accelerator.py").write_text(importing)
+    provider = transformers / "integrations" / "tensor_parallel.py"
+    provider.write_text("class ColwiseParallel: ...\n")
+    gap = _probe.tensor_parallel_source_gap(accelerate, transformers)
+    assert gap == "imports ReplicateParallel from transformers.integrations.tensor_parallel"
+    provider.write_text("class ReplicateParallel: ...\n")  # transformers 5.0.0
+    assert _probe.tensor_parallel_source_gap(accelerate, transformers) is None
+    provider.unlink()  # no tensor_parallel module at all: the import fails too
+    assert _probe.tensor_parallel_source_gap(accelerate, transformers) is not None
+    (accelerate / "accelerator.py").write_text("def _prepare_tp(self): ...\n")  # a fixed Accelerate
+    assert _probe.tensor_parallel_source_gap(accelerate, transformers) is None
 
 
 def test_spec_naming_a_rendezvous_variable_is_refused(make_spec: MakeSpec) -> None:

@@ -284,8 +284,8 @@ def test_summary_never_pools_different_workloads_or_gpu_models() -> None:
     assert set(one["comparisons"]) == {"zero3-g1"}  # a single workload keeps the short key
 
 
-def _results(session: str) -> list[dict[str, Any]]:
-    docs = [json.loads(p.read_text()) for p in sorted((BENCH / "results" / session).glob("call*.json"))]
+def _results(session: str, pattern: str = "call*.json") -> list[dict[str, Any]]:
+    docs = [json.loads(p.read_text()) for p in sorted((BENCH / "results" / session).glob(pattern))]
     assert docs, f"bench/gpu/results/{session}/ holds the raw GPU results of docs/gpu.md"
     return docs
 
@@ -304,11 +304,11 @@ def test_recorded_gpu_results_hold_the_semantic_checks() -> None:
 
 
 def test_recorded_gpu_comparison_runs_agree_between_paths() -> None:
-    """Session 2 (micro-batch 32): state and losses agree, no rank holds a second CUDA context.
+    """Sessions 2 and 3 (micro-batch 32): state and losses agree, one CUDA context per rank.
 
     The tokens/s ratios are what docs/gpu.md reports; they are measured, not asserted here.
     """
-    summary = run.summarise(_results("session2"))
+    summary = run.summarise(_results("session2") + _results("session3", "call*-g1.json"))
     keys = set(summary["comparisons"])
     for cell in ("fsdp2-g1", "fsdp2-g2", "zero3-g1", "zero3-g2"):
         assert f"{cell}-llama-270m-mb32-seq1024-H100" in keys
@@ -318,6 +318,43 @@ def test_recorded_gpu_comparison_runs_agree_between_paths() -> None:
         assert all(n == 0 for runs in c["extra_gpu_contexts"].values() for n in runs), key
     assert all(check["ok"] for check in summary["semantic"] + summary["layouts"])
     assert not summary["failed"]
+
+
+def test_recorded_4gpu_layouts_build_the_planned_mesh_and_shards() -> None:
+    """Session 3 (issue 9, 4 GPUs of one host): mesh, per-rank share, state and losses, both paths."""
+    summary = run.summarise(_results("session3", "call*-g4.json"))
+    assert set(summary["comparisons"]) == {"fsdp2-hsdp-g4", "fsdp2-tp-g4", "zero3-g4"}
+    for key, c in summary["comparisons"].items():
+        assert c["state_identical"], (key, c["state_differences"])
+        assert c["losses_ok"], (key, c["loss_max_abs_diff_between_paths"])
+    layouts = summary["layouts"]
+    # per path: HSDP and TP a mesh and a share check, ZeRO-3 a share check
+    assert len(layouts) == 10 and all(check["ok"] for check in layouts), layouts
+    tp_share = [c for c in layouts if c["check"].startswith("fsdp2-tp g4")]
+    assert all(0.30 < f < 0.32 for c in tp_share for f in c["observed"])
+    assert not summary["failed"]
+
+
+def _tp_record(local: int, full: int, in_plan: int) -> dict[str, Any]:
+    rank = {
+        "accelerate_state": {"device_mesh": {"dim_names": ["dp_shard", "tp"], "shape": [2, 2]}},
+        "params": {"local_bytes": local, "full_bytes": full},
+        "creation": {"tp_plan_full_bytes": in_plan},
+    }
+    return {"scenario": "fsdp2-tp", "gpus": 4, "path": "optimenv", "ranks": [rank] * 4}
+
+
+def test_tp_share_halves_everything_and_the_tp_plan_again() -> None:
+    """dp_shard 2 x tp 2: what the model's TP plan names is split 4 ways, the rest (embeddings) 2."""
+    full, in_plan = 1000, 600
+    expected = (full - in_plan) // 2 + in_plan // 4  # 200 + 150
+    (mesh, share) = run.layout_checks([_tp_record(expected, full, in_plan)])
+    assert mesh["ok"] and share["ok"], share
+    assert "0.3500" in share["check"]
+    (_, only_dp) = run.layout_checks([_tp_record(full // 2, full, in_plan)])  # TP did not shard
+    assert not only_dp["ok"]
+    (_, quarter) = run.layout_checks([_tp_record(full // 4, full, in_plan)])  # all split 4 ways
+    assert not quarter["ok"]
 
 
 def _run_on_cpus(tmp_path: Path, gpus: int, scenarios: str, base_port: int) -> dict[str, Any]:

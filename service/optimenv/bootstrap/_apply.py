@@ -255,6 +255,7 @@ def apply_spec(
         wants += more
 
     assigned, kept = _resolve(wants, environ, policy=str(doc["policy"]))
+    _refuse_unusable_tensor_parallel(assigned, environ)
     for var in assigned:
         environ[var.name] = var.value
     if zero3 is not None:
@@ -320,6 +321,34 @@ def _refuse_if_accelerate_started() -> None:
                 "anything creates Accelerator, PartialState or TrainingArguments (or start the "
                 "script with optimenv-bootstrap or python -m optimenv.bootstrap run)"
             )
+
+
+def _refuse_unusable_tensor_parallel(assigned: list[Variable], environ: Mapping[str, str]) -> None:
+    """FSDP2 with tensor parallelism fails in Accelerate's prepare() on some library pairs: say so now.
+
+    Otherwise the failure comes after the model is loaded, minutes into every worker's start.
+    """
+    final = {v.name: v.value for v in assigned}
+
+    def seen(name: str) -> str | None:
+        return final.get(name, environ.get(name))
+
+    try:
+        tp_size = int(seen("PARALLELISM_CONFIG_TP_SIZE") or "1")
+    except ValueError:
+        return  # Accelerate reports a malformed size itself
+    if tp_size <= 1 or seen("ACCELERATE_USE_FSDP") != "true" or seen("FSDP_VERSION") != "2":
+        return
+    if seen("ACCELERATE_USE_CPU") == "true":
+        return  # CPU training (local run): Accelerate's FSDP2 path, and with it the import, is never taken
+    gap = _probe.tensor_parallel_import_gap()
+    if gap is not None:
+        raise BootstrapError(
+            f"tensor_parallel_size: {tp_size} with FSDP2 cannot train on this worker: {gap}, so "
+            "Accelerate's prepare() would fail once the model is loaded; install transformers==5.0.0 "
+            "(the last release with it) or an Accelerate release that does not import it in the "
+            "worker image, or set tensor_parallel_size: 1"
+        )
 
 
 def _check_deepspeed(doc: Mapping[str, Any], override: str | None) -> str | None:

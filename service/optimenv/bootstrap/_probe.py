@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 # NVIDIA (driver control node, first GPU), AMD ROCm (torch.cuda works through HIP), WSL.
@@ -111,6 +112,52 @@ def torch_version() -> str | None:
         return importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def tensor_parallel_import_gap() -> str | None:
+    """Why Accelerate's FSDP2 + tensor-parallel ``prepare()`` would fail on an import, or ``None``.
+
+    Accelerate 1.15.0's ``Accelerator._prepare_tp`` imports ``ReplicateParallel`` from
+    ``transformers.integrations.tensor_parallel``, which transformers dropped after 5.0.0
+    (docs/gpu.md). The installed sources are read, not imported: importing both takes seconds.
+    """
+    import importlib.util
+
+    dirs = []
+    for name in ("accelerate", "transformers"):
+        spec = importlib.util.find_spec(name)  # a top-level package: located, not executed
+        if spec is None or not spec.submodule_search_locations:
+            return None  # not installed: whatever fails later says so itself
+        dirs.append(Path(next(iter(spec.submodule_search_locations))))
+    gap = tensor_parallel_source_gap(dirs[0], dirs[1])
+    if gap is None:
+        return None
+    import importlib.metadata
+
+    versions = []
+    for name in ("accelerate", "transformers"):
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(name)
+    return f"{versions[0]} {gap}, which {versions[1]} does not have"
+
+
+def tensor_parallel_source_gap(accelerate_dir: Path, transformers_dir: Path) -> str | None:
+    """The import Accelerate's sources make that transformers' sources lack (see above), or ``None``."""
+    try:
+        accelerator = (accelerate_dir / "accelerator.py").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if "import ReplicateParallel" not in accelerator:
+        return None
+    try:
+        provider = (transformers_dir / "integrations" / "tensor_parallel.py").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        provider = ""
+    if "ReplicateParallel" in provider:
+        return None
+    return "imports ReplicateParallel from transformers.integrations.tensor_parallel"
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
