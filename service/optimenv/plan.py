@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from optimenv import deepspeed as ds
 from optimenv.errors import ConfigError
+from optimenv.spec import DeferredKind
 
 if TYPE_CHECKING:
     from optimenv.config import TrainingConfig
@@ -79,14 +80,7 @@ class EnvVar:
 class Deferred:
     """A decision only the worker can take. ``kind`` is what the bootstrap dispatches on."""
 
-    kind: Literal[
-        "nccl_p2p_check",
-        "bf16_auto",
-        "torch_compile_auto",
-        "require_fp8",
-        "single_gpu_rendezvous_defaults",
-        "deepspeed_zero3_config",
-    ]
+    kind: DeferredKind
     variable: str | None
     source: str
     detail: tuple[tuple[str, Any], ...] = ()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from optimenv.errors import OptimEnvError
 
@@ -23,6 +23,16 @@ SPEC_PATH = "/etc/optimenv/spec.json"
 SPEC_ENV = "OPTIMENV_SPEC"
 Policy = Literal["plan-wins", "user-wins"]
 POLICIES: tuple[Policy, ...] = ("plan-wins", "user-wins")
+# The steps only a worker can decide: the planner writes them, the bootstrap dispatches on them.
+DeferredKind = Literal[
+    "nccl_p2p_check",
+    "bf16_auto",
+    "torch_compile_auto",
+    "require_fp8",
+    "single_gpu_rendezvous_defaults",
+    "deepspeed_zero3_config",
+]
+DEFERRED_KINDS: frozenset[str] = frozenset(get_args(DeferredKind))
 
 
 class SpecError(OptimEnvError):

@@ -15,7 +15,7 @@ from typing import Any, Literal, NamedTuple
 
 from optimenv.bootstrap import _probe
 from optimenv.errors import OptimEnvError
-from optimenv.spec import SPEC_ENV, SPEC_PATH, SpecError, verify_spec
+from optimenv.spec import DEFERRED_KINDS, SPEC_ENV, SPEC_PATH, SpecError, verify_spec
 
 #: Set by the launcher (torchrun, the operators, Ray Train): the bootstrap never writes these,
 #: except the single-GPU DeepSpeed defaults, and those only where nothing is set.
@@ -31,16 +31,6 @@ RENDEZVOUS = frozenset(
         "GROUP_RANK",
         "ACCELERATE_TORCH_DEVICE",
         "CUDA_VISIBLE_DEVICES",
-    }
-)
-DEFERRED_KINDS = frozenset(
-    {
-        "nccl_p2p_check",
-        "bf16_auto",
-        "torch_compile_auto",
-        "require_fp8",
-        "single_gpu_rendezvous_defaults",
-        "deepspeed_zero3_config",
     }
 )
 
