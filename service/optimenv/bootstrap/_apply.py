@@ -413,7 +413,7 @@ def _decide(
 
     if kind == "torch_compile_auto":
         var = str(variable or "ACCELERATE_DYNAMO_BACKEND")
-        version = _probe.torch_version()
+        version = _probe.installed_version("torch")
         minimum = str(detail.get("min_torch", "0"))
         if version is None:
             return Decision(kind, var, None, "torch is not installed: torch_compile stays off"), []

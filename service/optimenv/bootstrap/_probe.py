@@ -1,4 +1,4 @@
-"""What the worker's hardware says, asked as cheaply as each question allows.
+"""What the worker's hardware and installed packages say, asked as cheaply as each question allows.
 
 Every probe first checks whether a GPU can be present at all (device nodes, ``CUDA_VISIBLE_DEVICES``)
 so that a CPU-only worker never imports torch: the pod entrypoint runs this on every start. Where a
@@ -104,12 +104,12 @@ def p2p_supported(environ: Mapping[str, str]) -> tuple[bool | None, str]:
     return True, f"P2P between all {n_local} local GPUs"
 
 
-def torch_version() -> str | None:
-    """The installed torch version, read from its metadata (importing torch would take seconds)."""
-    import importlib.metadata  # ~10 ms of imports: only for specs with torch_compile: auto
+def installed_version(package: str) -> str | None:
+    """An installed package's version, read from its metadata (importing torch would take seconds)."""
+    import importlib.metadata  # ~10 ms of imports: only for specs that need a version
 
     try:
-        return importlib.metadata.version("torch")
+        return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
 
@@ -132,15 +132,10 @@ def tensor_parallel_import_gap() -> str | None:
     gap = tensor_parallel_source_gap(dirs[0], dirs[1])
     if gap is None:
         return None
-    import importlib.metadata
-
-    versions = []
-    for name in ("accelerate", "transformers"):
-        try:
-            versions.append(f"{name} {importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            versions.append(name)
-    return f"{versions[0]} {gap}, which {versions[1]} does not have"
+    accelerate, transformers = (
+        f"{n} {installed_version(n) or '(version unknown)'}" for n in ("accelerate", "transformers")
+    )
+    return f"{accelerate} {gap}, which {transformers} does not have"
 
 
 def tensor_parallel_source_gap(accelerate_dir: Path, transformers_dir: Path) -> str | None:
