@@ -44,7 +44,9 @@ def corpus(shared: Path) -> Path:
 # Started in its own process so the test process never imports Ray; stopping it = closing stdin.
 _RAY_HEAD = """
 import sys, ray
-ctx = ray.init(num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[1], configure_logging=False)
+ctx = ray.init(
+    address="local", num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[1], configure_logging=False
+)
 print(ctx.address_info["gcs_address"], flush=True)
 sys.stdin.read()
 ray.shutdown()

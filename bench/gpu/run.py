@@ -174,7 +174,6 @@ def optimenv_launch(
     from optimenv.config import load_config
     from optimenv.plan import Hardware, plan
     from optimenv.render import JobOptions, render
-    from optimenv.spec import SPEC_PATH
 
     label = f"{scenario.name}-g{gpus}-optimenv-{rep}"
     out_dir = str(work / label)
@@ -189,10 +188,25 @@ def optimenv_launch(
         name="gpu-bench", image="local", command=tuple(per_rank), nodes=1, gpus_per_node=gpus
     )
     objects = render(result, "pytorchjob", options)
-    job = objects[-1]
-    container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-    configmaps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    cmd, env, files = pod(objects, "Master", 0, port, mount_root)
+    return Launch(scenario.name, gpus, "optimenv", rep, cmd, env, files, out_dir, port)
 
+
+def pod(
+    objects: list[dict[str, Any]], replica: str, index: int, port: int, mount_root: str
+) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """One pod of a rendered PyTorchJob on this machine: its command, environment and mounted files.
+
+    The environment is the env ConfigMap, the container's own variables, and what the Kubeflow
+    operator injects (operators-env.md §3.2): the node rank is the pod's (Master 0, Worker i + 1),
+    and the Service name <job>-master-0 resolves to this machine here.
+    """
+    from optimenv.spec import SPEC_PATH
+
+    job = objects[-1]
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    container = specs[replica]["template"]["spec"]["containers"][0]
+    configmaps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):  # the env ConfigMap
         env.update(configmaps[source["configMapRef"]["name"]]["data"])
@@ -201,36 +215,30 @@ def optimenv_launch(
             _mounted(item["value"], mount_root) if item["value"] == SPEC_PATH else item["value"]
         )
     files: dict[str, str] = {}
+    volumes = specs[replica]["template"]["spec"]["volumes"]
     for mount in container.get("volumeMounts", []):  # ConfigMap files at their mount paths
-        volume = next(v for v in job_volumes(job) if v["name"] == mount["name"])
+        volume = next(v for v in volumes if v["name"] == mount["name"])
         if "configMap" in volume:
             data = configmaps[volume["configMap"]["name"]]["data"]
             files[_mounted(mount["mountPath"], mount_root)] = data[mount["subPath"]]
-    # What the Kubeflow operator injects into the Master pod (operators-env.md §3.2); the Service
-    # name <job>-master-0 resolves to this machine here.
+    nodes = sum(int(spec["replicas"]) for spec in specs.values())
     nproc = job["spec"]["nprocPerNode"]
+    node_rank = index if replica == "Master" else index + 1
     env.update(
         {
             "MASTER_ADDR": "127.0.0.1",
             "PET_MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "PET_MASTER_PORT": str(port),
-            "WORLD_SIZE": str(1 * int(nproc)),
-            "RANK": "0",
-            "PET_NODE_RANK": "0",
-            "PET_NNODES": "1",
+            "WORLD_SIZE": str(nodes * int(nproc)),
+            "RANK": str(node_rank),
+            "PET_NODE_RANK": str(node_rank),
+            "PET_NNODES": str(nodes),
             "PET_NPROC_PER_NODE": nproc,
         }
     )
     cmd = [_mounted(a, mount_root) if a == SPEC_PATH else a for a in container["command"]]
-    return Launch(scenario.name, gpus, "optimenv", rep, cmd, env, files, out_dir, port)
-
-
-def job_volumes(job: dict[str, Any]) -> list[dict[str, Any]]:
-    volumes: list[dict[str, Any]] = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
-        "volumes"
-    ]
-    return volumes
+    return cmd, env, files
 
 
 def accelerate_launch(

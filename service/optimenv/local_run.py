@@ -7,11 +7,7 @@ Accelerate → training steps; then a report of what was asked and what Accelera
 from __future__ import annotations
 
 import json
-import logging
-import os
-import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +15,13 @@ from typing import Any
 
 import click
 
+from optimenv._console import Console, default_log_path, owned_stderr
+from optimenv._ray_driver import exits_when_interrupted, ray_cluster, wait_for
 from optimenv.cli import read_config
 from optimenv.errors import OptimEnvError
 from optimenv.plan import Hardware, Plan, plan
 from optimenv.spec import build_spec
+from optimenv.train_tiny import DEFAULT_STEPS
 
 DEFAULT_SCRIPT = "optimenv.train_tiny"
 
@@ -75,8 +74,21 @@ def _differences(requested: dict[str, Any], effective: dict[str, Any], use_gpu: 
     return notes
 
 
-def build_report(result: Plan, reports: list[Any], timings: Timings, use_gpu: bool) -> dict[str, Any]:
+def loss_summary(losses: list[Any]) -> dict[str, Any] | None:
+    """First and last reported loss and the relative change, or None without numeric losses."""
+    numbers = [float(x) for x in losses if isinstance(x, int | float)]
+    if not numbers:
+        return None
+    first, last = numbers[0], numbers[-1]
+    change = (last - first) / first if first else None
+    return {"first": first, "last": last, "change": change, "steps": len(numbers)}
+
+
+def build_report(
+    result: Plan, reports: list[Any], timings: Timings, use_gpu: bool, log_path: Path | None = None
+) -> dict[str, Any]:
     requested = requested_setup(result)
+    nodes = len({r.node_rank for r in reports if r.node_rank is not None})
     workers = []
     for r in reports:
         effective = effective_setup(r.accelerate)
@@ -85,6 +97,9 @@ def build_report(result: Plan, reports: list[Any], timings: Timings, use_gpu: bo
         workers.append(
             {
                 "rank": r.rank,
+                "local_rank": r.local_rank,
+                "node_rank": r.node_rank,
+                "nodes": nodes,
                 "requested": requested,
                 "effective": effective,
                 "differences": _differences(requested, effective, use_gpu),
@@ -93,6 +108,7 @@ def build_report(result: Plan, reports: list[Any], timings: Timings, use_gpu: bo
                 },
                 "decisions": applied.get("decisions", []),
                 "losses": losses,
+                "loss": loss_summary(losses),
                 "exit_code": r.exit_code,
             }
         )
@@ -100,6 +116,7 @@ def build_report(result: Plan, reports: list[Any], timings: Timings, use_gpu: bo
         "planned": sorted(result.env_dict),
         "workers": workers,
         "device": "gpu" if use_gpu else "cpu",
+        "log": str(log_path) if log_path else None,
         "timings": {
             "cluster_start_s": timings.cluster_s,
             "first_step_s": timings.first_step_s,
@@ -108,13 +125,20 @@ def build_report(result: Plan, reports: list[Any], timings: Timings, use_gpu: bo
     }
 
 
+def _loss_line(loss: dict[str, Any] | None) -> str:
+    if loss is None:
+        return "- (the script reported none: optimenv.bootstrap.ray.report(step, loss=...))"
+    change = f" ({loss['change']:+.1%})" if loss["change"] is not None else ""
+    return f"{loss['first']:.4f} -> {loss['last']:.4f}{change} over {loss['steps']} steps"
+
+
 def report_text(report: dict[str, Any]) -> str:
     lines = []
     t = report["timings"]
     for w in report["workers"]:
         req, eff = w["requested"], w["effective"]
-        losses = ", ".join(f"{x:.4f}" if isinstance(x, float) else str(x) for x in w["losses"])
-        lines.append(f"rank {w['rank']}:")
+        where = f" (node {w['node_rank']} of {w['nodes']})" if w.get("node_rank") is not None else ""
+        lines.append(f"rank {w['rank']}{where}:")
         lines.append(f"  requested  {req['mode']}, mixed precision {req['mixed_precision']}")
         lines.append(f"  effective  {eff['mode']}, mixed precision {eff['mixed_precision']}")
         for note in w["differences"]:
@@ -129,7 +153,9 @@ def report_text(report: dict[str, Any]) -> str:
                 f"{d['variable']}={d['value']}" if d.get("variable") and d.get("value") is not None else "-"
             )
             lines.append(f"  decided    {d['kind']}: {value} ({d['reason']})")
-        lines.append(f"  losses     {losses}")
+        lines.append(f"  loss       {_loss_line(w['loss'])}")
+    if report.get("log"):
+        lines.append(f"log: {report['log']} (Ray's messages and every worker's output)")
     lines.append(
         "timings: cluster start {}, first step {}, total {}".format(
             *(
@@ -146,15 +172,32 @@ def report_text(report: dict[str, Any]) -> str:
 @click.option(
     "--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Ray Train workers."
 )
-@click.option("--steps", type=click.IntRange(min=1), help="Steps of the shipped example (default 3).")
+@click.option(
+    "--steps", type=click.IntRange(min=1), help=f"Steps of the shipped example (default {DEFAULT_STEPS})."
+)
+@click.option("--cpu", is_flag=True, help="CPU workers even if the cluster has GPUs.")
+@click.option(
+    "--log",
+    "log_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where Ray's messages and the workers' output are logged (default: a new file in $TMPDIR).",
+)
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def run_command(
-    config: str, workers: int, steps: int | None, output: str, script_args: tuple[str, ...]
+    config: str,
+    workers: int,
+    steps: int | None,
+    cpu: bool,
+    log_path: Path | None,
+    output: str,
+    script_args: tuple[str, ...],
 ) -> None:
     """Train CONFIG on this machine: a local Ray cluster (or $RAY_ADDRESS), N workers, the plan in each.
 
     Without `-- SCRIPT ARGS...` it trains the shipped tiny Llama (nothing is downloaded).
+    Exit status: 0 when every worker succeeded; the failing script's exit code; 130 after Ctrl-C,
+    143 after SIGTERM.
     """
     cfg = read_config(config)
     if script_args and steps is not None:
@@ -167,10 +210,9 @@ def run_command(
     # One node, one process per worker. Whether the GPUs do bf16/fp8 and which torch the workers
     # have is left to the bootstrap in each worker (the driver imports no torch: it starts faster).
     hardware = Hardware(nodes=1, gpus_per_node=workers)
-    with tempfile.TemporaryDirectory(prefix="optimenv-run-") as tmp:
+    log = log_path or default_log_path("run")
+    with exits_when_interrupted(), tempfile.TemporaryDirectory(prefix="optimenv-run-") as tmp:
         result = plan(cfg, hardware, deepspeed_path=str(Path(tmp) / "deepspeed.json"))
-        for warning in result.warnings:
-            click.echo(f"warning: {warning}", err=True)
         spec = build_spec(result)
         if script_args:
             target, args, module = script_args[0], list(script_args[1:]), False
@@ -178,51 +220,43 @@ def run_command(
             mbs = str(cfg.micro_batch_size or 1)
             target, args, module = (
                 DEFAULT_SCRIPT,
-                ["--steps", str(steps or 3), "--micro-batch-size", mbs],
+                ["--steps", str(steps or DEFAULT_STEPS), "--micro-batch-size", mbs],
                 True,
             )
-        reports, use_gpu = _launch(spec, target, args, module, workers, timings, steps or 3)
+        with owned_stderr(log) as console:
+            for warning in result.warnings:
+                console.say(f"warning: {warning}")
+            launched = Launch(spec, target, args, module, workers, cpu, steps or DEFAULT_STEPS)
+            reports, use_gpu = _launch(launched, console, timings)
     timings.total_s = time.perf_counter() - timings.started
-    report = build_report(result, reports, timings, use_gpu)
+    report = build_report(result, reports, timings, use_gpu, log)
     if output == "json":
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
         click.echo(report_text(report), nl=False)
 
 
-def _launch(
-    spec: dict[str, Any],
-    target: str,
-    args: list[str],
-    module: bool,
-    workers: int,
-    timings: Timings,
-    steps: int,
-) -> tuple[list[Any], bool]:
-    # Keep a local cluster on loopback and quiet; a user's own settings win.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class Launch:
+    """What ``run`` asks of Ray: the spec, the script and how many workers."""
 
-    from optimenv.bootstrap.ray import LaunchError, MetricsRecord, launch
+    spec: dict[str, Any]
+    target: str
+    args: list[str]
+    module: bool  # the shipped example (a module, whose steps are known) rather than a script
+    workers: int
+    cpu: bool
+    steps: int
 
-    click.echo(
-        "starting Ray ..." if not os.environ.get("RAY_ADDRESS") else "joining $RAY_ADDRESS ...", err=True
-    )
-    ray.init(
-        address=os.environ.get("RAY_ADDRESS") or None,
-        include_dashboard=False,
-        log_to_driver=True,
-        logging_level=logging.WARNING,
-    )
-    try:
+
+def _launch(launch: Launch, console: Console, timings: Timings) -> tuple[list[Any], bool]:
+    from optimenv.bootstrap.ray import LaunchError, MetricsRecord
+    from optimenv.bootstrap.ray import launch as ray_launch
+
+    with ray_cluster(console) as ray:
         timings.cluster_s = time.perf_counter() - timings.started
-        gpus = ray.cluster_resources().get("GPU", 0)
-        use_gpu = gpus >= workers
-        if 0 < gpus < workers:
-            click.echo(f"warning: {gpus:g} GPU(s) for {workers} workers: training on CPU workers", err=True)
-        bar = tqdm(total=steps if module else None, desc="training", unit="step", file=sys.stderr)
+        use_gpu = not launch.cpu and ray.cluster_resources().get("GPU", 0) > 0
+        bar = console.progress(launch.steps if launch.module else None, "training")
 
         def on_report(record: MetricsRecord) -> None:
             if timings.first_step_s is None:
@@ -233,48 +267,27 @@ def _launch(
                     bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update(1)
 
-        outcome: dict[str, Any] = {}
+        def fit() -> list[Any]:
+            return ray_launch(
+                launch.spec,
+                launch.target,
+                launch.args,
+                workers=launch.workers,
+                use_gpu=use_gpu,
+                module=launch.module,
+                on_report=on_report,
+                on_output=console.show,
+                poll_s=0.2,
+            )
 
-        def fit() -> None:
-            try:
-                outcome["reports"] = launch(
-                    spec,
-                    target,
-                    args,
-                    workers=workers,
-                    use_gpu=use_gpu,
-                    module=module,
-                    on_report=on_report,
-                    poll_s=0.2,
-                )
-            except BaseException as exc:  # handed to the main thread below
-                outcome["error"] = exc
-
-        # Ray Train installs its own SIGINT handler when fit() runs on the main thread (a graceful
-        # abort that exits 0 or 1); on a helper thread Ctrl-C stays ours: stop everything, exit 130.
-        runner = threading.Thread(target=fit, name="optimenv-fit", daemon=True)
-        runner.start()
         try:
-            while runner.is_alive():
-                runner.join(0.2)
-        except KeyboardInterrupt:
+            return wait_for(fit, console, on_stop=bar.close), use_gpu
+        except LaunchError as error:
             bar.close()
-            click.echo("interrupted: stopping the workers and the local Ray cluster", err=True)
-            raise click.exceptions.Exit(130) from None
+            for line in error.failure_lines():
+                console.say(line)
+            console.say(f"error: {error}")
+            console.say(f"log: {console.log_path}")
+            raise click.exceptions.Exit(error.exit_code) from None
         finally:
             bar.close()
-        error = outcome.get("error")
-        if isinstance(error, LaunchError):
-            for r in error.reports:
-                if r.exit_code != 0:
-                    click.echo(
-                        f"--- worker {r.rank} (exit {r.exit_code}) ---\n{(r.error or '').rstrip()}", err=True
-                    )
-            click.echo(f"error: {error}", err=True)
-            raise click.exceptions.Exit(error.exit_code)
-        if error is not None:
-            raise error
-        reports: list[Any] = outcome["reports"]
-        return reports, use_gpu
-    finally:
-        ray.shutdown()

@@ -25,8 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optimenv._files import write_atomically
 from optimenv.bootstrap import _probe
 from optimenv.bootstrap._apply import Applied, SpecArg, apply_spec, load_spec
+from optimenv.bootstrap._script import run_script
+from optimenv.bootstrap._state import accelerate_state
 from optimenv.errors import OptimEnvError
 from optimenv.spec import deepspeed_text
 
@@ -65,11 +68,13 @@ class WorkerReport:
     metrics: tuple[MetricsRecord, ...]
     error: str | None
     finished_at: float | None = None
+    local_world_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "rank": self.rank,
             "localRank": self.local_rank,
+            "localWorldSize": self.local_world_size,
             "worldSize": self.world_size,
             "nodeRank": self.node_rank,
             "exitCode": self.exit_code,
@@ -88,6 +93,19 @@ class LaunchError(Exception):
         super().__init__(message)
         self.reports = reports
         self.exit_code = exit_code
+
+    def failure_lines(self) -> list[str]:
+        """Each failing worker's error, once: workers that failed the same way share one section."""
+        by_error: dict[tuple[int, str], list[int]] = {}
+        for r in self.reports:
+            if r.exit_code != 0 and r.finished_at is not None:
+                by_error.setdefault((r.exit_code, (r.error or "").rstrip()), []).append(r.rank)
+        lines = []
+        for (code, error), ranks in by_error.items():
+            who = f"worker {ranks[0]}" if len(ranks) == 1 else f"workers {', '.join(map(str, ranks))}"
+            lines.append(f"--- {who} (exit {code}) ---")
+            lines.extend(error.splitlines())
+        return lines
 
 
 def prepare_worker(
@@ -121,10 +139,7 @@ def _write_local_copy(spec_hash: str, deepspeed: dict[str, Any]) -> str:
     folder = Path(tempfile.gettempdir()) / f"optimenv-{spec_hash.removeprefix('sha256:')[:16]}"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "deepspeed.json"
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(deepspeed_text(deepspeed))
-    os.replace(tmp, target)  # atomic: a worker never reads a half-written file
+    write_atomically(target, deepspeed_text(deepspeed))  # a worker never reads a half-written file
     return str(target)
 
 
@@ -146,73 +161,41 @@ def report(step: int | None = None, **metrics: Any) -> bool:
     return True
 
 
-def accelerate_state() -> dict[str, Any] | None:
-    """Accelerate's state in this process, if something created it (never creates it)."""
-    state = sys.modules.get("accelerate.state")
-    if state is None:
-        return None
-    partial = dict(state.PartialState._shared_state)
-    if not partial:
-        return None
-    full = dict(state.AcceleratorState._shared_state)
-
-    def name(value: Any) -> Any:
-        return getattr(value, "value", None) or (None if value is None else str(value))
-
-    out: dict[str, Any] = {
-        "distributed_type": name(partial.get("distributed_type")),
-        "num_processes": partial.get("num_processes"),
-        "process_index": partial.get("process_index"),
-        "local_process_index": partial.get("local_process_index"),
-        "device": str(partial.get("device")),
-        "backend": partial.get("backend"),
-        "accelerator_state": "_mixed_precision" in full,
-    }
-    if "_mixed_precision" in full:
-        out["mixed_precision"] = full["_mixed_precision"]
-        dynamo = full.get("dynamo_plugin")
-        out["dynamo_backend"] = name(getattr(dynamo, "backend", None))
-        plugins = full.get("deepspeed_plugins") or {}
-        out["deepspeed"] = {
-            key: {"zero_stage": p.zero_stage, "zero3_init": p.zero3_init_flag} for key, p in plugins.items()
-        }
-        fsdp = full.get("fsdp_plugin")
-        out["fsdp_version"] = getattr(fsdp, "fsdp_version", None)
-    return out
-
-
 class _Collector:
-    """A Ray actor in the driver's job: workers send metrics and final reports here."""
+    """A Ray actor in the driver's job: workers send metrics, output lines and final reports here."""
 
     def __init__(self) -> None:
         self._new: list[MetricsRecord] = []
         self._all: list[MetricsRecord] = []
+        self._lines: list[tuple[int, list[str]]] = []
         self._final: dict[int, dict[str, Any]] = {}
 
     def add(self, record: MetricsRecord) -> None:
         self._new.append(record)
         self._all.append(record)
 
+    def output(self, rank: int, lines: list[str]) -> None:
+        self._lines.append((rank, lines))
+
     def finish(self, rank: int, final: dict[str, Any]) -> None:
         self._final[rank] = final
 
-    def drain(self) -> list[MetricsRecord]:
+    def drain(self) -> tuple[list[MetricsRecord], list[tuple[int, list[str]]]]:
         new, self._new = self._new, []
-        return new
+        lines, self._lines = self._lines, []
+        return new, lines
 
     def results(self) -> tuple[list[MetricsRecord], dict[int, dict[str, Any]]]:
         return self._all, self._final
 
 
-class _ScriptExit(RuntimeError):
-    """The script ended with a non-zero ``SystemExit``; raised so Ray marks the worker failed."""
+class _ScriptFailed(RuntimeError):
+    """The script ended with a non-zero exit code; raised so Ray marks the worker failed."""
 
 
 def _train_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of :func:`launch`: apply the plan, then run the script as ``__main__``."""
     global _channel
-    import runpy
-
     import ray.train
 
     context = ray.train.get_context()
@@ -221,6 +204,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     _channel = (collector, rank)
     final: dict[str, Any] = {
         "local_rank": context.get_local_rank(),
+        "local_world_size": context.get_local_world_size(),
         "world_size": context.get_world_size(),
         "node_rank": context.get_node_rank(),
         "exit_code": 0,
@@ -236,23 +220,10 @@ def _train_loop(config: dict[str, Any]) -> None:
         final["applied"] = applied.to_dict()
         if os.path.isdir(config["cwd"]):
             os.chdir(config["cwd"])  # like running the script from the driver's directory
-        # The driver's stdout carries data only (reports, JSON): the script's prints go to stderr,
-        # which Ray forwards to the driver's stderr.
-        sys.stdout.flush()
-        os.dup2(2, 1)
-        sys.argv = [config["target"], *config["args"]]
-        try:
-            if config["module"]:
-                runpy.run_module(config["target"], run_name="__main__", alter_sys=True)
-            else:
-                sys.path.insert(0, os.path.dirname(config["target"]))
-                runpy.run_path(config["target"], run_name="__main__")
-        except SystemExit as exc:
-            code = exc.code
-            if code not in (None, 0):
-                final["exit_code"] = code if isinstance(code, int) else 1
-                final["error"] = f"{traceback.format_exc().rstrip()}\nthe script exited with {code!r}"
-                raise _ScriptExit(f"the script exited with {code!r}") from None
+        result = _run(config, collector, rank)
+        final.update(exit_code=result.exit_code, error=result.error)
+        if result.exit_code != 0:
+            raise _ScriptFailed(result.error or f"the script exited with {result.exit_code}")
     except BaseException:
         if final["error"] is None:
             final.update(exit_code=1, error=traceback.format_exc())
@@ -263,6 +234,24 @@ def _train_loop(config: dict[str, Any]) -> None:
         # Calls from one process run in order on the actor: every report() has arrived after this.
         ray.get(collector.finish.remote(rank, final))
         _channel = None
+
+
+def _run(config: dict[str, Any], collector: Any, rank: int) -> Any:
+    if config["capture"]:
+        return run_script(
+            config["target"],
+            config["args"],
+            module=config["module"],
+            on_lines=lambda lines: collector.output.remote(rank, lines),
+        )
+    # Ray forwards a worker's stdout to the driver's stdout, which carries data only: the
+    # script's prints go to stderr instead.
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    return run_script(config["target"], config["args"], module=config["module"])
+
+
+OutputSink = Callable[[int, list[str]], None]
 
 
 def launch(
@@ -277,6 +266,7 @@ def launch(
     storage_path: str | None = None,
     name: str | None = None,
     on_report: Callable[[MetricsRecord], None] | None = None,
+    on_output: OutputSink | None = None,
     poll_s: float = 0.5,
 ) -> list[WorkerReport]:
     """Run ``target`` (a script path, or a module with ``module=True``) in ``workers`` Ray Train workers.
@@ -284,29 +274,25 @@ def launch(
     Connects to ``address``, else ``$RAY_ADDRESS``, else starts a local Ray (and stops it after).
     Each worker applies the spec (:func:`prepare_worker`) and runs the script as ``__main__``.
     ``use_gpu``: one GPU per worker; ``None`` means "if the cluster has GPUs". ``on_report`` is
-    called on the driver with every :func:`report` record while training runs. Returns one report
-    per rank (sorted by rank); raises :class:`LaunchError` with the same reports if a worker failed,
-    and :class:`~optimenv.errors.OptimEnvError` for a bad spec before anything starts.
+    called on the driver with every :func:`report` record while training runs; ``on_output`` with
+    ``(rank, lines)`` of what the script printed (without it the lines go to Ray's worker logs).
+    Returns one report per rank (sorted by rank); raises :class:`LaunchError` with the same reports
+    if a worker failed, and :class:`~optimenv.errors.OptimEnvError` before anything starts for a bad
+    spec, a missing script, or more workers than the cluster can place.
     """
-    doc, _ = load_spec(spec, os.environ)
-    if workers < 1:
-        raise OptimEnvError(f"workers: must be >= 1, got {workers}")
-    if not module:
-        target = os.path.abspath(target)
-        if not os.path.isfile(target):
-            raise OptimEnvError(f"script: {target}: no such file")
+    doc, target = checked_launch(spec, target, module=module, workers=workers)
 
     import ray
-    from ray.train import RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+        # "local": a cluster of our own, never one that `ray start` left running on this machine.
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=on_output is None)
     try:
+        resources = ray.cluster_resources()
         if use_gpu is None:
-            use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        collector = ray.remote(num_cpus=0)(_Collector).remote()
+            use_gpu = resources.get("GPU", 0) > 0
+        check_capacity(workers, use_gpu, resources)
         config = {
             "spec": doc,
             "target": target,
@@ -314,39 +300,88 @@ def launch(
             "module": module,
             "use_gpu": use_gpu,
             "cwd": os.getcwd(),
-            "collector": collector,
+            "capture": on_output is not None,
         }
-        trainer = TorchTrainer(
-            _train_loop,
-            train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-            run_config=RunConfig(name=name, storage_path=storage_path),
-        )
-        stop = threading.Event()
-        poller: threading.Thread | None = None
-        if on_report is not None:
-            poller = threading.Thread(
-                target=_poll, args=(collector, on_report, stop, poll_s), name="optimenv-report", daemon=True
-            )
-            poller.start()
-        failed: TrainingFailedError | None = None
-        try:
-            trainer.fit()
-        except TrainingFailedError as exc:
-            failed = exc
-        finally:
-            stop.set()
-            if poller is not None:
-                poller.join()
-        if on_report is not None:
-            for record in ray.get(collector.drain.remote()):
-                on_report(record)
-        records, finals = ray.get(collector.results.remote())
-        ray.kill(collector)
+        records, finals, failed = _fit(config, workers, storage_path, name, on_report, on_output, poll_s)
     finally:
         if started:
             ray.shutdown()
-    reports = _reports(workers, records, finals)
+    return _outcome(_reports(workers, records, finals), failed)
+
+
+def checked_launch(spec: SpecArg, target: str, *, module: bool, workers: int) -> tuple[dict[str, Any], str]:
+    """The verified spec and the script's absolute path; what launch() refuses before Ray starts."""
+    doc, _ = load_spec(spec, os.environ)
+    if workers < 1:
+        raise OptimEnvError(f"workers: must be >= 1, got {workers}")
+    if not module:
+        target = os.path.abspath(target)
+        if not os.path.isfile(target):
+            raise OptimEnvError(f"script: {target}: no such file")
+    return doc, target
+
+
+def check_capacity(workers: int, use_gpu: bool, resources: Mapping[str, float]) -> None:
+    """Refuse at once what Ray would wait for forever: more workers than the cluster has CPUs/GPUs.
+
+    Ray Train asks one GPU per worker with ``use_gpu``, else one CPU (``ScalingConfig`` defaults).
+    """
+    kind = "GPU" if use_gpu else "CPU"
+    have = int(resources.get(kind, 0))
+    if workers <= have:
+        return
+    fewer = f"use --workers {have} or fewer, " if have else ""
+    elsewhere = "or train on CPU workers (--cpu)" if use_gpu else "or join a larger cluster ($RAY_ADDRESS)"
+    raise OptimEnvError(
+        f"workers: {workers} {kind} workers need {workers} {kind}s (one each), "
+        f"but the Ray cluster has {have}; {fewer}{elsewhere}"
+    )
+
+
+def _fit(
+    config: dict[str, Any],
+    workers: int,
+    storage_path: str | None,
+    name: str | None,
+    on_report: Callable[[MetricsRecord], None] | None,
+    on_output: OutputSink | None,
+    poll_s: float,
+) -> tuple[list[MetricsRecord], dict[int, dict[str, Any]], Exception | None]:
+    import ray
+    from ray.exceptions import RayError
+    from ray.train import RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    collector = ray.remote(num_cpus=0)(_Collector).remote()
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={**config, "collector": collector},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=config["use_gpu"]),
+        run_config=RunConfig(name=name, storage_path=storage_path),
+    )
+    stop = threading.Event()
+    poller = threading.Thread(
+        target=_poll,
+        args=(collector, on_report, on_output, stop, poll_s),
+        name="optimenv-report",
+        daemon=True,
+    )
+    poller.start()
+    failed: Exception | None = None
+    try:
+        trainer.fit()
+    except (TrainingFailedError, RayError) as exc:  # a worker failed, or Ray lost an actor
+        failed = exc
+    finally:
+        stop.set()
+        poller.join()
+    _deliver(ray.get(collector.drain.remote()), on_report, on_output)
+    records, finals = ray.get(collector.results.remote())
+    ray.kill(collector)
+    return records, finals, failed
+
+
+def _outcome(reports: list[WorkerReport], failed: Exception | None) -> list[WorkerReport]:
     # The first worker to fail is the cause; the others usually fail or are stopped because of it.
     failures = sorted(
         (r for r in reports if r.exit_code != 0 and r.finished_at is not None),
@@ -369,12 +404,29 @@ def launch(
 
 
 def _poll(
-    collector: Any, on_report: Callable[[MetricsRecord], None], stop: threading.Event, every: float
+    collector: Any,
+    on_report: Callable[[MetricsRecord], None] | None,
+    on_output: OutputSink | None,
+    stop: threading.Event,
+    every: float,
 ) -> None:
     import ray
 
     while not stop.wait(every):
-        for record in ray.get(collector.drain.remote()):
+        _deliver(ray.get(collector.drain.remote()), on_report, on_output)
+
+
+def _deliver(
+    drained: tuple[list[MetricsRecord], list[tuple[int, list[str]]]],
+    on_report: Callable[[MetricsRecord], None] | None,
+    on_output: OutputSink | None,
+) -> None:
+    records, lines = drained
+    if on_output is not None:
+        for rank, chunk in lines:
+            on_output(rank, chunk)
+    if on_report is not None:
+        for record in records:
             on_report(record)
 
 
@@ -402,6 +454,7 @@ def _reports(
                 metrics=mine,
                 error=final["error"],
                 finished_at=final["finished_at"],
+                local_world_size=final.get("local_world_size"),
             )
         )
     return out

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+from optimenv._files import write_atomically
 from optimenv.spec import SPEC_ENV
+
+if TYPE_CHECKING:
+    from optimenv.bootstrap.ray import WorkerReport
 
 
 @click.command(
@@ -38,6 +43,12 @@ from optimenv.spec import SPEC_ENV
     help="Write every worker's report (rank, applied variables, Accelerate state, metrics) as JSON.",
 )
 @click.option("--progress", is_flag=True, help="Print every report() of the script on stderr as it arrives.")
+@click.option(
+    "--log",
+    "log_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where Ray's messages and the workers' output are logged (default: a new file in $TMPDIR).",
+)
 @click.argument("script")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def ray_launch_command(
@@ -50,48 +61,57 @@ def ray_launch_command(
     name: str | None,
     report_path: Path | None,
     progress: bool,
+    log_path: Path | None,
     script: str,
     args: tuple[str, ...],
 ) -> None:
     """Run SCRIPT [ARGS...] in Ray Train (V2) workers, applying the spec in each before it starts.
 
-    Exit status: 0 when every worker succeeded; else the failing script's exit code (1 for an
-    exception or a refusal), with each failing worker's traceback on stderr.
+    stderr shows optimenv's lines and what the script prints (a line printed by several ranks once);
+    Ray's own messages go to the log file (--log). Exit status: 0 when every worker succeeded; else
+    the failing script's exit code (1 for an exception or a refusal), with its traceback on stderr;
+    130 after Ctrl-C, 143 after SIGTERM.
     """
-    from optimenv.bootstrap.ray import LaunchError, MetricsRecord, launch, reports_json
+    from optimenv._console import default_log_path, owned_stderr
+    from optimenv._ray_driver import exits_when_interrupted, ray_cluster, wait_for
+    from optimenv.bootstrap.ray import LaunchError, MetricsRecord, checked_launch, launch, reports_json
 
-    def show(record: MetricsRecord) -> None:
-        values = " ".join(f"{key}={value}" for key, value in record.metrics.items())
-        click.echo(f"worker {record.rank} step {record.step}: {values}", err=True)
+    checked_launch(spec, script, module=module, workers=workers)  # refused before Ray starts
+    with exits_when_interrupted(), owned_stderr(log_path or default_log_path("ray-launch")) as console:
 
-    try:
-        reports = launch(
-            spec,
-            script,
-            args,
-            workers=workers,
-            use_gpu=False if cpu else None,
-            module=module,
-            address=address,
-            storage_path=storage_path,
-            name=name,
-            on_report=show if progress else None,
-        )
-    except LaunchError as exc:
+        def show(record: MetricsRecord) -> None:
+            values = " ".join(f"{key}={value}" for key, value in record.metrics.items())
+            console.say(f"worker {record.rank} step {record.step}: {values}")
+
+        def fit() -> list[WorkerReport]:
+            return launch(
+                spec,
+                script,
+                args,
+                workers=workers,
+                use_gpu=False if cpu else None,
+                module=module,
+                storage_path=storage_path,
+                name=name,
+                on_report=show if progress else None,
+                on_output=console.show,
+            )
+
+        with ray_cluster(console, address):
+            try:
+                reports = wait_for(fit, console)
+            except LaunchError as exc:
+                if report_path is not None:
+                    write_atomically(report_path, reports_json(exc.reports))
+                for line in exc.failure_lines():
+                    console.say(line)
+                console.say(f"error: {exc}")
+                console.say(f"log: {console.log_path}")
+                raise click.exceptions.Exit(exc.exit_code) from None
         if report_path is not None:
-            report_path.write_text(reports_json(exc.reports), encoding="utf-8")
-        for r in exc.reports:
-            if r.exit_code != 0 and r.finished_at is not None:
-                click.echo(
-                    f"--- worker {r.rank} (exit {r.exit_code}) ---\n{(r.error or '').rstrip()}", err=True
-                )
-        click.echo(f"error: {exc}", err=True)
-        raise click.exceptions.Exit(exc.exit_code) from None
-    if report_path is not None:
-        report_path.write_text(reports_json(reports), encoding="utf-8")
-    for r in reports:
-        state = (r.accelerate or {}).get("distributed_type", "-")
-        n = len((r.applied or {}).get("assigned", []))
-        click.echo(
-            f"worker {r.rank}: ok, {n} variables set, accelerate {state}, {len(r.metrics)} reports", err=True
-        )
+            write_atomically(report_path, reports_json(reports))
+        for r in reports:
+            state = (r.accelerate or {}).get("distributed_type", "-")
+            n = len((r.applied or {}).get("assigned", []))
+            reported = len(r.metrics)
+            console.say(f"worker {r.rank}: ok, {n} variables set, accelerate {state}, {reported} reports")

@@ -21,7 +21,15 @@ if os.environ.get("GPU_BENCH_CPU_SHIM") == "1":
         return _orig_backend(self, cpu, sagemaker_dp, backend)
 
     def _init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        _orig_init(self, *args, **kwargs)
+        # Ray CPU workers carry ACCELERATE_USE_CPU=true, which keeps Accelerate off DeepSpeed: hide it.
+        hidden = None
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+            hidden = os.environ.pop("ACCELERATE_USE_CPU", None)
+        try:
+            _orig_init(self, *args, **kwargs)
+        finally:
+            if hidden is not None:
+                os.environ["ACCELERATE_USE_CPU"] = hidden
         # Re-created states (AcceleratorState()) copy PartialState's MULTI_CPU back: switch again.
         plugin = kwargs.get("fsdp_plugin") or getattr(self, "fsdp_plugin", None)
         if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
@@ -33,13 +41,29 @@ if os.environ.get("GPU_BENCH_CPU_SHIM") == "1":
     _state.PartialState._prepare_backend = _prepare_backend
     _state.AcceleratorState.__init__ = _init
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
-        # DeepSpeed JIT-compiles a shared-memory op for CPU collectives (g++, 20-45 s, a file
-        # lock that a killed run leaves behind); gloo alone is enough for these tests.
-        import importlib
+    # DeepSpeed JIT-compiles a shared-memory op for CPU collectives (g++, 20-45 s, a file lock that
+    # a killed run leaves behind); gloo alone is enough for these tests. Patched when imported, so
+    # processes that never use DeepSpeed (the Ray driver) do not import it.
+    import importlib.abc
+    import importlib.util
+    import sys
 
-        # (deepspeed.comm's attribute "torch" is torch itself, not this submodule)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    class _NoShmOp(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):  # type: ignore[no-untyped-def]
+            if name != "deepspeed.comm.torch":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            run = spec.loader.exec_module
+
+            def exec_module(module):  # type: ignore[no-untyped-def]
+                run(module)
+                module.build_shm_op = lambda: None
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _NoShmOp())
 
 if os.environ.get("GPU_BENCH_DUMP_AFTER"):  # debugging hangs: every thread's stack, then exit
     import faulthandler
