@@ -9,13 +9,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 # Only what the package build needs: the controller image carries no torch, Ray or DeepSpeed.
-COPY pyproject.toml README.md requirements-test.txt ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY service ./service
 COPY operators ./operators
-# The test pins double as constraints (pip refuses extras there, hence the grep): the image gets
-# the kopf / lightkube / httpx2 / pydantic versions the tests ran.
-RUN grep -v '\[' requirements-test.txt > /tmp/constraints.txt \
-    && pip install --no-cache-dir -c /tmp/constraints.txt ".[controller]" \
+# The tested versions (constraints.txt): the image gets the kopf / lightkube / httpx2 / pydantic
+# versions the tests ran.
+RUN pip install --no-cache-dir -c constraints.txt ".[controller]" \
     && rm -rf /src
 
 # A numeric non-root user, so the pod's runAsNonRoot can be verified; the chart's runAsUser matches.

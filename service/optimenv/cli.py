@@ -3,59 +3,104 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import importlib.metadata
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
+import yaml
 
 from optimenv.config import MAX_CONFIG_BYTES, TrainingConfig, load_config
 from optimenv.errors import ConfigError, OptimEnvError
 from optimenv.plan import DEFAULT_DEEPSPEED_PATH, Hardware, Plan, plan
+from optimenv.spec import POLICIES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Subcommands that live in other modules (some need optional extras); imported only when used.
-_LAZY: dict[str, tuple[str, str]] = {
-    "render": ("optimenv.render.cli", "render_command"),
-    "crd": ("optimenv.resource", "crd_command"),
-    "ray-launch": ("optimenv.bootstrap.ray_launch", "ray_launch_command"),
-    "run": ("optimenv.local_run", "run_command"),
-    "controller": ("optimenv_controller.main", "controller_command"),
+# Subcommands that live in other modules, imported only when used: (module, attribute, the extra
+# of pyproject.toml they need, None for the base install).
+_LAZY: dict[str, tuple[str, str, str | None]] = {
+    "render": ("optimenv.render.cli", "render_command", None),
+    "spec": ("optimenv.spec_cli", "spec_command", None),
+    "crd": ("optimenv.resource", "crd_command", None),
+    "ray-launch": ("optimenv.bootstrap.ray_launch", "ray_launch_command", "run"),
+    "run": ("optimenv.local_run", "run_command", "run"),
+    "controller": ("optimenv_controller.main", "controller_command", "controller"),
 }
+
+
+class MissingExtraError(OptimEnvError):
+    """A command whose optional dependencies (an extra of the package) are not installed."""
 
 
 class _Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        lazy = [n for n, (mod, _) in _LAZY.items() if _module_exists(mod)]
-        return sorted([*super().list_commands(ctx), *lazy])
+        return sorted([*super().list_commands(ctx), *_LAZY])
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in _LAZY:
-            module_name, attr = _LAZY[cmd_name]
-            if not _module_exists(module_name):
-                return None
-            command = getattr(importlib.import_module(module_name), attr)
-            assert isinstance(command, click.Command)
-            return command
-        return super().get_command(ctx, cmd_name)
+        if cmd_name not in _LAZY:
+            return super().get_command(ctx, cmd_name)
+        module_name, attr, extra = _LAZY[cmd_name]
+        missing = missing_requirements(extra) if extra else []
+        if missing:
+            assert extra is not None
+            return _needs_extra(cmd_name, extra, missing)
+        command = getattr(importlib.import_module(module_name), attr)
+        assert isinstance(command, click.Command)
+        return command
 
 
-def _module_exists(name: str) -> bool:
+def missing_requirements(extra: str) -> list[str]:
+    """The distributions that ``optimenv[extra]`` asks for and that are not installed, by name."""
+    from packaging.requirements import Requirement
+
     try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
+        declared = importlib.metadata.requires("optimenv") or []
+    except importlib.metadata.PackageNotFoundError:
+        return []  # run from a source tree without metadata: nothing to check against
+    missing: list[str] = []
+    for text in declared:
+        req = Requirement(text)
+        if req.marker is None or not req.marker.evaluate({"extra": extra}):
+            continue
+        if req.name == "optimenv":  # an extra made of other extras (run includes worker)
+            missing += [m for inner in sorted(req.extras) for m in missing_requirements(inner)]
+            continue
+        try:
+            importlib.metadata.distribution(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(req.name)
+    return list(dict.fromkeys(missing))
+
+
+def _needs_extra(name: str, extra: str, missing: list[str]) -> click.Command:
+    """Stands in for a command whose extra is missing: any invocation gets the one-line fix."""
+
+    def refuse(args: tuple[str, ...]) -> NoReturn:
+        raise MissingExtraError(
+            f"optimenv {name} needs the {extra!r} extra, and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed; install it from the optimenv "
+            f"checkout: pip install -c constraints.txt -e '.[{extra}]'"
+        )
+
+    return click.Command(
+        name,
+        callback=refuse,
+        params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)],
+        context_settings={"ignore_unknown_options": True},
+        add_help_option=False,
+        short_help=f"(not installed: needs the {extra!r} extra)",
+    )
 
 
 def _yes_no(value: str | None) -> bool | None:
     return None if value is None else value == "yes"
 
 
-def hardware_options(func: F) -> F:
-    """``--nodes``, ``--gpus-per-node``, ``--bf16-supported`` … shared by plan and render."""
+def topology_options(func: F) -> F:
+    """``--nodes``, ``--gpus-per-node``, ``--bf16-supported`` … shared by plan, render and spec."""
     options = [
         click.option("--nodes", type=click.IntRange(min=1), help="Number of nodes (unknown: leave out)."),
         click.option("--gpus-per-node", type=click.IntRange(min=1), help="GPUs (processes) per node."),
@@ -68,16 +113,31 @@ def hardware_options(func: F) -> F:
             "--fp8-supported", type=click.Choice(["yes", "no"]), help="Whether the GPUs support fp8."
         ),
         click.option("--torch-version", help="torch version of the worker image (for torch_compile: auto)."),
-        click.option(
-            "--deepspeed-path",
-            default=DEFAULT_DEEPSPEED_PATH,
-            show_default=True,
-            help="Where the DeepSpeed JSON is mounted on the workers.",
-        ),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def hardware_options(func: F) -> F:
+    """:func:`topology_options` and ``--deepspeed-path`` (the path mounted in pods)."""
+    func = click.option(
+        "--deepspeed-path",
+        default=DEFAULT_DEEPSPEED_PATH,
+        show_default=True,
+        help="Where the DeepSpeed JSON is mounted on the workers.",
+    )(func)
+    return topology_options(func)
+
+
+#: ``--spec-policy``, shared by render and spec.
+spec_policy_option = click.option(
+    "--spec-policy",
+    type=click.Choice(POLICIES),
+    default="plan-wins",
+    show_default=True,
+    help="Who wins on the worker when a planned variable is already set.",
+)
 
 
 def hardware_from(kwargs: dict[str, Any]) -> Hardware:
@@ -112,9 +172,13 @@ def plan_from_args(config: str, kwargs: dict[str, Any]) -> Plan:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="optimenv")
+@click.version_option(None, "-V", "--version", package_name="optimenv")
 def cli() -> None:
-    """Plan the FSDP / DeepSpeed environment of an Axolotl-style training config."""
+    """Plan the FSDP / DeepSpeed environment of an Axolotl-style training config.
+
+    Exit status: 0 done, 1 the input was refused (the message names the field and the fix), 2 a
+    usage error (unknown command or option, missing argument, bad option value).
+    """
 
 
 @cli.command()
@@ -129,7 +193,7 @@ def validate(config: str) -> None:
 @cli.command(name="plan")
 @click.argument("config")
 @click.option(
-    "-o", "--output", type=click.Choice(["table", "json", "env"]), default="table", show_default=True
+    "-o", "--output", type=click.Choice(["table", "json", "yaml", "env"]), default="table", show_default=True
 )
 @hardware_options
 def plan_command(config: str, output: str, **kwargs: Any) -> None:
@@ -137,16 +201,26 @@ def plan_command(config: str, output: str, **kwargs: Any) -> None:
     result = plan_from_args(config, kwargs)
     if output == "json":
         click.echo(result.to_json(), nl=False)
+    elif output == "yaml":
+        click.echo(yaml.safe_dump(result.to_dict(), sort_keys=False, allow_unicode=True), nl=False)
     elif output == "env":
-        for var in result.env:
-            click.echo(f"{var.name}={_shell_quote(var.value)}")
+        click.echo(_env_lines(result), nl=False)
     else:
         click.echo(_table(result), nl=False)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
 
 
-cli.add_command(plan_command, name="explain")
+def _env_lines(result: Plan) -> str:
+    """``NAME=value`` lines a shell can source; what the worker decides follows as comments."""
+    lines = [f"{var.name}={_shell_quote(var.value)}" for var in result.env]
+    lines += [
+        f"# decided on the worker: {d.variable} ({d.kind}, from {d.source})"
+        if d.variable
+        else f"# decided on the worker: {d.kind} (from {d.source})"
+        for d in result.deferred
+    ]
+    return "".join(f"{line}\n" for line in lines)
 
 
 def _shell_quote(value: str) -> str:
@@ -166,7 +240,7 @@ def _table(result: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: every refusal is one line on stderr and exit status 1."""
+    """Entry point: every refusal is one line on stderr; exit status 1, or 2 for a usage error."""
     try:
         # Without standalone mode click returns (not raises) the code of a click.exceptions.Exit.
         code = cli.main(args=argv, prog_name="optimenv", standalone_mode=False)
@@ -178,10 +252,19 @@ def main(argv: list[str] | None = None) -> None:
     except click.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.format_message(), err=True)  # the help text itself: no "error:" line
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
-        sys.exit(1)
+        # Usage errors exit 2, as click's own standalone mode does; other click errors 1.
+        click.echo(f"error: {exc.format_message().rstrip('.')}{_help_hint(exc)}", err=True)
+        sys.exit(exc.exit_code)
     sys.exit(code if type(code) is int else 0)
+
+
+def _help_hint(exc: click.ClickException) -> str:
+    ctx = exc.ctx if isinstance(exc, click.UsageError) else None
+    return f" (see {ctx.command_path} --help)" if ctx is not None else ""
 
 
 if __name__ == "__main__":  # pragma: no cover

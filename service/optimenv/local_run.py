@@ -133,29 +133,14 @@ def _loss_line(loss: dict[str, Any] | None) -> str:
 
 
 def report_text(report: dict[str, Any]) -> str:
+    """The report for a person: workers that agree on everything but their ranks share one section."""
     lines = []
-    t = report["timings"]
-    for w in report["workers"]:
-        req, eff = w["requested"], w["effective"]
-        where = f" (node {w['node_rank']} of {w['nodes']})" if w.get("node_rank") is not None else ""
-        lines.append(f"rank {w['rank']}{where}:")
-        lines.append(f"  requested  {req['mode']}, mixed precision {req['mixed_precision']}")
-        lines.append(f"  effective  {eff['mode']}, mixed precision {eff['mixed_precision']}")
-        for note in w["differences"]:
-            lines.append(f"  NOTE       {note}")
-        planned = sum(1 for name in w["applied"] if name in report["planned"])
-        lines.append(
-            f"  applied    {len(w['applied'])} variables: {planned} from the plan, "
-            f"{len(w['applied']) - planned} decided on the worker"
-        )
-        for d in w["decisions"]:
-            value = (
-                f"{d['variable']}={d['value']}" if d.get("variable") and d.get("value") is not None else "-"
-            )
-            lines.append(f"  decided    {d['kind']}: {value} ({d['reason']})")
-        lines.append(f"  loss       {_loss_line(w['loss'])}")
+    for group in _alike(report["workers"]):
+        lines.append(f"{_who(group)}:")
+        lines.extend(_worker_lines(group[0], report["planned"]))
     if report.get("log"):
         lines.append(f"log: {report['log']} (Ray's messages and every worker's output)")
+    t = report["timings"]
     lines.append(
         "timings: cluster start {}, first step {}, total {}".format(
             *(
@@ -165,6 +150,46 @@ def report_text(report: dict[str, Any]) -> str:
         )
     )
     return "\n".join(lines) + "\n"
+
+
+_RANKS = ("rank", "local_rank", "node_rank", "exit_code")
+
+
+def _alike(workers: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for w in workers:
+        key = json.dumps({k: v for k, v in w.items() if k not in _RANKS}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(w)
+    return list(groups.values())
+
+
+def _who(group: list[dict[str, Any]]) -> str:
+    ranks = ", ".join(str(w["rank"]) for w in group)
+    nodes = sorted({w["node_rank"] for w in group if w.get("node_rank") is not None})
+    where = ""
+    if nodes:
+        label = "node" if len(nodes) == 1 else "nodes"
+        where = f" ({label} {', '.join(map(str, nodes))} of {group[0]['nodes']})"
+    return f"{'rank' if len(group) == 1 else 'ranks'} {ranks}{where}"
+
+
+def _worker_lines(w: dict[str, Any], planned: list[str]) -> list[str]:
+    req, eff = w["requested"], w["effective"]
+    lines = [
+        f"  requested  {req['mode']}, mixed precision {req['mixed_precision']}",
+        f"  effective  {eff['mode']}, mixed precision {eff['mixed_precision']}",
+    ]
+    lines += [f"  NOTE       {note}" for note in w["differences"]]
+    from_plan = sum(1 for name in w["applied"] if name in planned)
+    lines.append(
+        f"  applied    {len(w['applied'])} variables: {from_plan} from the plan, "
+        f"{len(w['applied']) - from_plan} decided on the worker"
+    )
+    for d in w["decisions"]:
+        value = f"{d['variable']}={d['value']}" if d.get("variable") and d.get("value") is not None else "-"
+        lines.append(f"  decided    {d['kind']}: {value} ({d['reason']})")
+    lines.append(f"  loss       {_loss_line(w['loss'])}")
+    return lines
 
 
 @click.command(name="run")

@@ -403,6 +403,15 @@ def _parallelism(config: TrainingConfig, hw: Hardware, b: _Builder) -> None:
         )
 
 
+class ProcessCountError(ConfigError):
+    """The parallelism sizes multiply to ``product`` processes, the job has ``world`` (C28)."""
+
+    def __init__(self, field: str, message: str, hint: str, *, product: int, world: int) -> None:
+        super().__init__(field, message, hint)
+        self.product = product
+        self.world = world
+
+
 #: ``PARALLELISM_CONFIG_<X>_SIZE`` suffix -> the config field that sets it.
 _SIZE_FIELDS = (
     ("TP", "tensor_parallel_size"),
@@ -444,16 +453,20 @@ def check_world_size(env: Mapping[str, str], sources: Mapping[str, str], world: 
         rest = product // sizes[var]
         if world % rest == 0:
             field_name = sources.get(f"PARALLELISM_CONFIG_{var}_SIZE", fields[var])
-            raise ConfigError(
+            raise ProcessCountError(
                 field_name,
                 message,
                 f"set {field_name} to {world // rest} so the sizes multiply to the {world} GPUs",
+                product=product,
+                world=world,
             )
-    raise ConfigError(
+    raise ProcessCountError(
         sources.get(f"PARALLELISM_CONFIG_{first}_SIZE", fields[first]),
         message,
         "make tensor_parallel_size x dp_shard_size x dp_replicate_size x context_parallel_size "
         f"(x expert_parallel_size) equal {world}",
+        product=product,
+        world=world,
     )
 
 

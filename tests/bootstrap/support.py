@@ -111,3 +111,31 @@ def child_env(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
     env = json.loads(result.stdout)
     assert isinstance(env, dict)
     return env
+
+
+def ray_launch(
+    spec: Path, folder: Path, script: Path, *script_args: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``optimenv ray-launch`` with 2 CPU workers, results and ``report.json`` kept in ``folder``."""
+    return run(
+        [
+            str(BIN / "optimenv"),
+            "ray-launch",
+            "--spec",
+            str(spec),
+            "--workers",
+            "2",
+            "--cpu",
+            "--storage-path",
+            str(folder / "ray_results"),
+            "--report",
+            str(folder / "report.json"),
+            "--progress",
+            "--",
+            str(script),
+            *script_args,
+        ],
+        env=env,
+        cwd=folder,
+        timeout=280,
+    )

@@ -36,12 +36,13 @@ def test_the_command_sees_the_planned_env(make_spec: MakeSpec) -> None:
     # Deferred steps decided here, on a machine without a GPU: bf16 "auto" -> no, no P2P to
     # disable, no single-GPU rendezvous defaults.
     assert env["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert env["ACCELERATE_USE_CPU"] == "true"  # no GPU: torchrun's processes join one gloo group
     assert "NCCL_P2P_DISABLE" not in env
     assert not {"WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(env)
     assert env["OPTIMENV_SPEC"] == str(files.spec)
     summary = result.stderr.splitlines()
     assert len(summary) == 1 and summary[0].startswith(f"optimenv-bootstrap: spec {files.doc['hash'][:15]}")
-    assert "6 set" in summary[0] and "bf16_auto: ACCELERATE_MIXED_PRECISION=no" in summary[0]
+    assert "7 set" in summary[0] and "bf16_auto: ACCELERATE_MIXED_PRECISION=no" in summary[0]
 
 
 def test_exec_replaces_the_process_so_signals_and_exit_codes_pass_through(
@@ -99,7 +100,7 @@ def test_a_variable_already_equal_is_kept(make_spec: MakeSpec) -> None:
     env = child_env(result)
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
     assert env["NCCL_P2P_DISABLE"] == "0"  # set by the operator: the P2P step leaves it alone
-    assert "5 set" in result.stderr and "1 kept (ACCELERATE_USE_DEEPSPEED)" in result.stderr
+    assert "6 set" in result.stderr and "1 kept (ACCELERATE_USE_DEEPSPEED)" in result.stderr
 
 
 def test_conflict_names_both_values_and_their_sources(make_spec: MakeSpec) -> None:

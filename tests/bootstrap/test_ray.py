@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from optimenv.spec import deepspeed_text
-from tests.bootstrap.support import BIN, FSDP2, ZERO3, MakeSpec, clean_env, run
+from tests.bootstrap.support import BIN, FSDP2, ZERO3, MakeSpec, clean_env, ray_launch, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -54,28 +54,7 @@ def _launch(tmp_path: Path, spec: Path, env: dict[str, str], *script_args: str) 
     script = tmp_path / "train.py"
     script.write_text(TRAIN)
     report = tmp_path / "report.json"
-    result = run(
-        [
-            str(BIN / "optimenv"),
-            "ray-launch",
-            "--spec",
-            str(spec),
-            "--workers",
-            "2",
-            "--cpu",
-            "--storage-path",
-            str(tmp_path / "ray_results"),
-            "--report",
-            str(report),
-            "--progress",
-            "--",
-            str(script),
-            *script_args,
-        ],
-        env=env,
-        cwd=tmp_path,
-        timeout=280,
-    )
+    result = ray_launch(spec, tmp_path, script, *script_args, env=env)
     assert report.is_file(), result.stderr[-4000:]
     return result, json.loads(report.read_text())
 

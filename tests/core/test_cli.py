@@ -89,11 +89,22 @@ def test_env_lines_read_back_as_the_planned_env(cli: Any) -> None:
     path = "/etc/my ds.json"  # a value that needs shell quoting
     run = cli("plan", ZERO3, "-o", "env", "--deepspeed-path", path)
     assert run.code == 0
-    lines = run.out.splitlines()
+    lines = [line for line in run.out.splitlines() if not line.startswith("#")]
     assert all(re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", line) for line in lines), lines
     assert "ACCELERATE_DEEPSPEED_CONFIG_FILE='/etc/my ds.json'" in lines
     parsed = dict(shlex.split(line)[0].split("=", 1) for line in lines)
     assert parsed == plan(load_config(ZERO3), deepspeed_path=path).env_dict
+
+
+def test_env_lists_what_the_worker_decides_as_comments(cli: Any) -> None:
+    run = cli("plan", FSDP2_CPU, "-o", "env")
+    comments = [line for line in run.out.splitlines() if line.startswith("#")]
+    assert comments == [
+        "# decided on the worker: NCCL_P2P_DISABLE (nccl_p2p_check, from default)",
+        "# decided on the worker: ACCELERATE_MIXED_PRECISION (bf16_auto, from bf16)",
+    ]
+    zero3 = cli("plan", ZERO3, "-o", "env").out.splitlines()
+    assert "# decided on the worker: single_gpu_rendezvous_defaults (from deepspeed)" in zero3
 
 
 @pytest.mark.slow
@@ -130,9 +141,13 @@ def test_table_shows_value_and_source(cli: Any) -> None:
     assert ["ACCELERATE_MIXED_PRECISION", "<decided on the worker: bf16_auto>", "bf16"] in rows
 
 
-def test_explain_is_plan(cli: Any) -> None:
-    for output in ("table", "json", "env"):
-        assert cli("explain", ZERO3, "-o", output).out == cli("plan", ZERO3, "-o", output).out
+def test_yaml_is_the_json_document(cli: Any) -> None:
+    import yaml
+
+    for config in (ZERO3, FSDP2_CPU):
+        as_yaml = cli("plan", config, "-o", "yaml")
+        assert as_yaml.code == 0 and as_yaml.err == ""
+        assert yaml.safe_load(as_yaml.out) == cli("plan", config, "-o", "json").json()
 
 
 def test_config_from_stdin(cli: Any) -> None:
@@ -158,18 +173,32 @@ def test_validate_exit_codes(cli: Any, tmp_path: Path) -> None:
     assert cli("validate", bad).err.startswith("error: deepspeed.fp16.enabled: ")
 
 
-def test_usage_errors_exit_nonzero_without_traceback(cli: Any) -> None:
-    for argv in (
-        ["plan"],
-        ["plan", ZERO3, "-o", "yaml"],
-        ["nosuchcommand"],
-        ["plan", ZERO3, "--gpus-per-node", "x"],
+def test_usage_errors_exit_2_with_one_line_and_the_help_to_read(cli: Any) -> None:
+    for argv, help_of in (
+        (["plan"], "optimenv plan"),
+        (["plan", ZERO3, "-o", "xml"], "optimenv plan"),
+        (["nosuchcommand"], "optimenv"),
+        (["explain", ZERO3], "optimenv"),  # the old alias of plan is gone
+        (["plan", ZERO3, "--gpus-per-node", "x"], "optimenv plan"),
+        (["render", ZERO3, "--name", "a"], "optimenv render"),
     ):
         run = cli(*argv)
-        assert run.code != 0 and run.out == ""
-        assert run.err.startswith("error: ") and "Traceback" not in run.err
+        assert (run.code, run.out) == (2, ""), argv
+        assert run.err.startswith("error: ") and run.err.count("\n") == 1, run.err
+        assert run.err.endswith(f" (see {help_of} --help)\n"), run.err
+    # Invalid input, as opposed to an invalid command line, is 1 (test_validate_exit_codes).
+    assert cli("plan", "-", stdin="bf16: maybe\n").code == 1
+    no_args = cli()
+    assert no_args.code == 2 and no_args.err.startswith("Usage: optimenv ")
     assert cli("--help").code == 0
-    assert cli("--version").out.startswith("optimenv, version ")
+
+
+def test_version(cli: Any) -> None:
+    from importlib.metadata import version
+
+    for flag in ("-V", "--version"):
+        run = cli(flag)
+        assert (run.code, run.out) == (0, f"optimenv, version {version('optimenv')}\n")
 
 
 @pytest.mark.parametrize("output", ["table", "json", "env"])
@@ -234,11 +263,15 @@ def test_readme_sample_is_the_real_output(cli: Any, monkeypatch: pytest.MonkeyPa
 
 def test_readme_gives_the_two_setup_commands_ci_runs() -> None:
     text = (REPO / "README.md").read_text()
-    setup = re.findall(r"```sh\n(python3 -m venv \.venv && [^\n]+)\n```", text)
+    setup = re.findall(r"```sh setup\n(python3 -m venv \.venv && [^\n]+)\n```", text)
     assert len(setup) == 2, setup
-    install = "python3 -m venv .venv && .venv/bin/pip install -r requirements-test.txt -e . && "
-    assert all(cmd.startswith(install) for cmd in setup)
-    # The main job: tests/run runs this very command; the test command is what CI runs.
-    assert setup[0].removeprefix(install).startswith(".venv/bin/optimenv run examples/")
-    assert setup[1].removeprefix(install) == "make test"
-    assert "make test" in (REPO / ".ci" / "run").read_text()
+    venv = "python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e "
+    # The main job installs only what run needs; tests/run runs this very command.
+    run_install = f"{venv}'.[run]' && "
+    assert setup[0].startswith(run_install)
+    assert setup[0].removeprefix(run_install).startswith(".venv/bin/optimenv run examples/")
+    # The test command installs the development set, and is what CI runs.
+    test_install = f"{venv}'.[dev]' && "
+    assert setup[1] == f"{test_install}make test"
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "pip install --quiet -c constraints.txt -e '.[dev]'" in ci and "\nmake test\n" in ci

@@ -1374,19 +1374,31 @@ add(
 )
 
 
-def _plan(case: Case, corpus: Path) -> Plan:
-    return plan(parse_config(case.config, base_dirs=(corpus,)), case.hw)
+def _corpus_dirs(config: dict[str, Any], request: pytest.FixtureRequest) -> tuple[Path, ...]:
+    """Where a DeepSpeed file named in ``config`` is looked up: Axolotl's examples (the corpus).
+
+    Only such configs need the reference material; every other case runs without it.
+    """
+    if not isinstance(config.get("deepspeed"), str) or not config["deepspeed"].endswith(".json"):
+        return ()
+    corpus = request.getfixturevalue("corpus")
+    assert isinstance(corpus, Path)
+    return (corpus,)
+
+
+def _plan(case: Case, request: pytest.FixtureRequest) -> Plan:
+    return plan(parse_config(case.config, base_dirs=_corpus_dirs(case.config, request)), case.hw)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_conformance(case: Case, corpus: Path) -> None:
+def test_conformance(case: Case, request: pytest.FixtureRequest) -> None:
     if case.error is not None:
         with pytest.raises(ConfigError) as caught:
-            _plan(case, corpus)
+            _plan(case, request)
         assert caught.value.field == case.error, f"{case.ref}: {caught.value}"
         assert "\n" not in str(caught.value)
         return
-    result = _plan(case, corpus)
+    result = _plan(case, request)
     assert [(v.name, v.value, v.source) for v in result.env] == list(case.env), case.ref
     assert tuple(d.kind for d in result.deferred) == case.deferred, case.ref
     assert len(result.warnings) == len(case.warnings), result.warnings
@@ -1456,9 +1468,11 @@ def test_nccl_p2p_deferred_detail() -> None:
     ],
     ids=["auto", "auto-else-fp16", "auto-deepspeed-needs-bf16-D14"],
 )
-def test_bf16_auto_deferred_detail(config: dict[str, Any], detail: dict[str, Any], corpus: Path) -> None:
+def test_bf16_auto_deferred_detail(
+    config: dict[str, Any], detail: dict[str, Any], request: pytest.FixtureRequest
+) -> None:
     """Row 6 with bf16 support unknown: the worker chooses, with the same fallbacks as Axolotl."""
-    result = plan(parse_config(config, base_dirs=(corpus,)), HW_UNKNOWN)
+    result = plan(parse_config(config, base_dirs=_corpus_dirs(config, request)), HW_UNKNOWN)
     step = next(d for d in result.deferred if d.kind == "bf16_auto")
     assert (step.variable, step.source, dict(step.detail)) == ("ACCELERATE_MIXED_PRECISION", "bf16", detail)
     assert "ACCELERATE_MIXED_PRECISION" not in result.env_dict
@@ -1534,10 +1548,8 @@ def test_misspelt_key_suggests_the_right_one() -> None:
     assert "did you mean 'reshard_after_forward'?" in str(caught.value)
 
 
-def test_plan_is_deterministic_and_does_not_mutate_the_config(corpus: Path) -> None:
-    config = parse_config(
-        {"deepspeed": {"zero_optimization": {"stage": "3"}}, "tensor_parallel_size": 2}, base_dirs=(corpus,)
-    )
+def test_plan_is_deterministic_and_does_not_mutate_the_config() -> None:
+    config = parse_config({"deepspeed": {"zero_optimization": {"stage": "3"}}, "tensor_parallel_size": 2})
     before = config.deepspeed_json
     first, second = plan(config, HW_2), plan(config, HW_2)
     assert first == second and first.to_json() == second.to_json()

@@ -25,6 +25,7 @@ from unittest import mock
 
 import pytest
 
+from optimenv.bootstrap._probe import no_gpu_reason
 from optimenv.plan import Plan
 from optimenv.render import JobOptions
 from optimenv.spec import verify_spec
@@ -113,6 +114,10 @@ def _bootstrap(
     after: dict[str, str] = json.loads(done.stdout)
     after.pop("PATH")  # the test's own; the pod's comes from the image
     after.pop("LC_CTYPE", None)  # Python's UTF-8 mode may add it in the child
+    # On a host without a GPU (this one) exec mode adds ACCELERATE_USE_CPU; the GPU pods simulated
+    # here get nothing of the kind.
+    cpu_only = no_gpu_reason(env) is not None
+    assert after.pop("ACCELERATE_USE_CPU", None) == ("true" if cpu_only else None)
     if after.get("OPTIMENV_SPEC") == str(mounts.spec):  # the bootstrap points at the spec it read
         after["OPTIMENV_SPEC"] = "/etc/optimenv/spec.json"
     return after, command[4:]

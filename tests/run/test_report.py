@@ -89,5 +89,9 @@ def test_the_report_shows_nodes_and_the_loss_trend() -> None:
     report = build_report(result, reports, Timings(), use_gpu=False)
     assert [(w["node_rank"], w["nodes"]) for w in report["workers"]] == [(0, 2), (1, 2)]
     text = report_text(report)
-    assert "rank 1 (node 1 of 2):" in text
-    assert "loss       5.5000 -> 2.7500 (-50.0%) over 2 steps" in text
+    # Alike but for their ranks: one section.
+    assert text.splitlines()[0] == "ranks 0, 1 (nodes 0, 1 of 2):"
+    assert text.count("  loss       5.5000 -> 2.7500 (-50.0%) over 2 steps") == 1
+    reports[1] = _report(1, 0, None, node=1, losses=(5.5, 3.0))
+    text = report_text(build_report(result, reports, Timings(), use_gpu=False))
+    assert "rank 0 (node 0 of 2):" in text and "rank 1 (node 1 of 2):" in text

@@ -145,8 +145,6 @@ def test_pytorchjob_of_two_pods(tmp_path: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "ACCELERATE_", "FSDP_"))}
         env.update(pod_env)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-        # CPU only: Accelerate joins torchrun's processes only when told to use the CPU.
-        env["ACCELERATE_USE_CPU"] = "true"
         procs.append(
             subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         )

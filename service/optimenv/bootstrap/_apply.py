@@ -42,6 +42,11 @@ _KEEP_ALIVE: list[object] = []
 _APPLIED: dict[tuple[str, bool, str | None], tuple[Mapping[str, str], Applied]] = {}
 
 
+#: What makes Accelerate run the processes of a CPU-only worker as one gloo group (MULTI_CPU); without
+#: it each process runs alone (exec mode under torchrun) or ignores Ray's group (Ray mode).
+CPU_VARIABLE = "ACCELERATE_USE_CPU"
+
+
 class BootstrapError(OptimEnvError):
     """The bootstrap refuses to start the worker (the message says why and what to do)."""
 
@@ -329,7 +334,7 @@ def _refuse_unusable_tensor_parallel(assigned: list[Variable], environ: Mapping[
         return  # Accelerate reports a malformed size itself
     if tp_size <= 1 or seen("ACCELERATE_USE_FSDP") != "true" or seen("FSDP_VERSION") != "2":
         return
-    if seen("ACCELERATE_USE_CPU") == "true":
+    if seen(CPU_VARIABLE) == "true":
         return  # CPU training (local run): Accelerate's FSDP2 path, and with it the import, is never taken
     gap = _probe.tensor_parallel_import_gap()
     if gap is not None:

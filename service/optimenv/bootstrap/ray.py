@@ -27,14 +27,11 @@ from typing import Any
 
 from optimenv._files import write_atomically
 from optimenv.bootstrap import _probe
-from optimenv.bootstrap._apply import Applied, SpecArg, apply_spec, load_spec
+from optimenv.bootstrap._apply import CPU_VARIABLE, Applied, SpecArg, apply_spec, load_spec
 from optimenv.bootstrap._script import run_script
 from optimenv.bootstrap._state import accelerate_state
 from optimenv.errors import OptimEnvError
 from optimenv.spec import deepspeed_text
-
-#: The variable that makes Accelerate reuse Ray's gloo group on CPU workers (machine-notes.md).
-CPU_VARIABLE = "ACCELERATE_USE_CPU"
 
 
 @dataclass(frozen=True)

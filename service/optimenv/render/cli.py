@@ -10,11 +10,11 @@ import click
 import yaml
 from yaml.representer import SafeRepresenter
 
-from optimenv.cli import hardware_from, hardware_options, read_config
+from optimenv.cli import hardware_from, hardware_options, read_config, spec_policy_option
+from optimenv.config import TrainingConfig
 from optimenv.errors import ConfigError
-from optimenv.plan import plan
+from optimenv.plan import Hardware, Plan, ProcessCountError, plan
 from optimenv.render import TARGETS, JobOptions, render
-from optimenv.spec import POLICIES
 
 try:  # libyaml's emitter writes the same bytes about 4x faster
     from yaml import CSafeDumper as _BaseDumper
@@ -84,13 +84,7 @@ def _tolerations(values: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
     help="TrainJob ClusterTrainingRuntime (default: torch-distributed, or "
     "deepspeed-distributed when DeepSpeed is on).",
 )
-@click.option(
-    "--spec-policy",
-    type=click.Choice(POLICIES),
-    default="plan-wins",
-    show_default=True,
-    help="Who wins on the worker when a planned variable is already set.",
-)
+@spec_policy_option
 @click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
 @hardware_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -118,6 +112,14 @@ def render_command(
     """
     if target not in TARGETS:
         raise ConfigError("--target", f"unknown target {target!r}", f"choose one of {', '.join(TARGETS)}")
+    # Job targets default to 1 node x 1 GPU; whether that was asked for decides the hint below.
+    topology_given = kwargs.get("nodes") is not None or kwargs.get("gpus_per_node") is not None
+    if target == "configmaps" and command:
+        click.echo(
+            "warning: --target configmaps renders no job, so the command after -- is not used; "
+            "put it in your pod template after optimenv-bootstrap (docs/targets.md)",
+            err=True,
+        )
     if target != "configmaps":
         # A job has a definite topology: plan for exactly the pods it starts.
         kwargs["nodes"] = kwargs.get("nodes") or 1
@@ -143,10 +145,27 @@ def render_command(
         if cfg.ray_num_workers <= options.nodes * options.gpus_per_node:
             # The Ray Train workers are the processes (C28); more than the GPUs is refused by render.
             hardware = dataclasses.replace(hardware, nodes=1, gpus_per_node=cfg.ray_num_workers)
-    result = plan(cfg, hardware, deepspeed_path=kwargs["deepspeed_path"])
+    result = _plan(cfg, hardware, kwargs["deepspeed_path"], default_topology=not topology_given)
     if target == "rayjob" and cfg.resources_per_worker.get("GPU", 1.0) != 1.0:
         click.echo("warning: resources_per_worker: each Ray Train worker gets one GPU here", err=True)
     objects = render(result, target, options)
     click.echo(to_yaml(objects) if output == "yaml" else to_json(objects), nl=False)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
+
+
+def _plan(cfg: TrainingConfig, hardware: Hardware, deepspeed_path: str, *, default_topology: bool) -> Plan:
+    """``plan()``; a size mismatch on the default 1 x 1 job names the options that set its size."""
+    try:
+        return plan(cfg, hardware, deepspeed_path=deepspeed_path)
+    except ProcessCountError as exc:
+        if not default_topology:
+            raise
+        raise ProcessCountError(
+            exc.field,
+            exc.reason,
+            f"the job defaults to 1 node x 1 GPU: give its size with --nodes and --gpus-per-node, "
+            f"whose product must be {exc.product}; or {exc.hint}",
+            product=exc.product,
+            world=exc.world,
+        ) from None

@@ -8,6 +8,9 @@ under torchrun on CPUs; the GPU runs never see it.
 import os
 
 if os.environ.get("GPU_BENCH_CPU_SHIM") == "1":
+    # This shim stands for a GPU node, where the bootstrap leaves ACCELERATE_USE_CPU alone; on a
+    # CPU-only node it would set it to true, and Accelerate would then ignore FSDP and DeepSpeed.
+    os.environ.setdefault("ACCELERATE_USE_CPU", "false")
     import torch
     from accelerate import state as _state
     from accelerate.utils import DistributedType
