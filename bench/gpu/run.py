@@ -124,6 +124,7 @@ class Launch:
     files: dict[str, str]  # absolute path -> content, written just before the launch
     out_dir: str
     port: int
+    launcher: str = "torchrun"  # or "ray": Ray Train workers (optimenv run / a bare TorchTrainer)
 
 
 @dataclass(frozen=True)
@@ -279,16 +280,47 @@ def schedule(scenarios: list[str], semantic: list[str], reps: int) -> list[tuple
 
 
 def build(
-    name: str, path: str, rep: int, gpus: int, port: int, train: TrainArgs, work: Path, mount_root: str
+    name: str,
+    path: str,
+    rep: int,
+    gpus: int,
+    port: int,
+    train: TrainArgs,
+    work: Path,
+    mount_root: str,
+    launcher: str = "torchrun",
 ) -> Launch:
     scenario = SCENARIOS[name]
     if gpus not in scenario.gpus:
         raise ValueError(f"{name} is defined for {scenario.gpus} GPUs, not {gpus}")
     if not scenario.needs_model_dir:  # the other layouts build the model from its config
         train = TrainArgs(**{**train.__dict__, "model_dir": None})
+    if launcher == "ray":
+        return ray_launch(scenario, path, gpus, rep, train, work)
     if path == "optimenv":
         return optimenv_launch(scenario, gpus, rep, port, train, work, mount_root)
     return accelerate_launch(scenario, gpus, rep, port, train, work)
+
+
+def ray_launch(scenario: Scenario, path: str, gpus: int, rep: int, train: TrainArgs, work: Path) -> Launch:
+    """Ray Train workers, one a GPU: ``optimenv run CONFIG -- train.py`` (A) or a bare ``TorchTrainer``
+    with the hand-written Accelerate config (B, ``ray_bare.py``); both start a local Ray cluster."""
+    if scenario.accelerate is None:
+        raise ValueError(f"{scenario.name} has no hand-written Accelerate config to compare with")
+    label = f"{scenario.name}-ray-g{gpus}-{path}-{rep}"
+    out_dir = str(work / label)
+    argv = train.argv(out_dir, label)
+    if path == "optimenv":
+        cli = [sys.executable, "-c", "from optimenv.cli import main; main()"]
+        config = str((CONFIGS / scenario.config).relative_to(REPO))
+        log = ["--log", f"{out_dir}/optimenv-run.log"]
+        cmd = [*cli, "run", config, "--workers", str(gpus), "-o", "json", *log, "--", TRAIN, *argv]
+    else:
+        accelerate = CONFIGS / "accelerate" / scenario.accelerate.format(gpus=gpus)
+        flags = ["--config_file", str(accelerate.relative_to(REPO)), *scenario.launch_flags]
+        cmd = [sys.executable, "bench/gpu/ray_bare.py", "--workers", str(gpus), *flags]
+        cmd += ["--", TRAIN, *argv, "--no-hard-exit"]
+    return Launch(scenario.name, gpus, path, rep, cmd, {}, {}, out_dir, 0, launcher="ray")
 
 
 def execute(launch: Launch, env: dict[str, str], timeout: float) -> dict[str, Any]:
@@ -327,6 +359,7 @@ def execute(launch: Launch, env: dict[str, str], timeout: float) -> dict[str, An
         "env_added": launch.env,
         "files": sorted(launch.files),
         "port": launch.port,
+        "launcher": launch.launcher,
         "rc": rc,
         "wall_s": wall,
         "start": t0,
@@ -404,6 +437,8 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.time()
     scenarios = [s for s in args.scenarios.split(",") if s]
     semantic = list(SEMANTIC) if args.semantic else []
+    if semantic and args.launcher == "ray":
+        raise SystemExit("--semantic: only with --launcher torchrun (the checks compare torchrun launches)")
     for name in scenarios + semantic:
         if name not in SCENARIOS:
             raise SystemExit(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
@@ -425,7 +460,7 @@ def run(args: argparse.Namespace) -> int:
     order = schedule(scenarios, semantic, args.reps)
     port = args.base_port
     launches = [
-        build(name, path, rep, args.gpus, port + i, train, work, args.mount_root)
+        build(name, path, rep, args.gpus, port + i, train, work, args.mount_root, args.launcher)
         for i, (name, path, rep) in enumerate(order)
     ]
     if args.dry_run:
@@ -461,6 +496,7 @@ def run(args: argparse.Namespace) -> int:
             TrainArgs(**{**train.__dict__, "steps": 3, "warmup": 1}),
             work / "warm",
             args.mount_root,
+            args.launcher,
         )
         rec = execute(warm, env, args.launch_timeout)
         rec["warm_up"] = True
@@ -512,6 +548,7 @@ def run(args: argparse.Namespace) -> int:
     table = markdown(summary)
     (out / "summary.md").write_text(table)
     print(table)
+    print("\n".join(ray_lines(summary)))
     if args.logs:
         with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
             for log in sorted(work.glob("*/launch.log")):
@@ -868,11 +905,14 @@ def summarise(docs: list[dict[str, Any]]) -> dict[str, Any]:
     workloads = {_workload(rec) for rec in ok}
     groups: dict[tuple[str, int, str], dict[str, list[dict[str, Any]]]] = {}
     for rec in ok:
-        key = (rec["scenario"], rec["gpus"], _workload(rec) if len(workloads) > 1 else "")
+        # Ray Train launches are compared among themselves, never pooled with torchrun's.
+        name = rec["scenario"] + ("-ray" if rec.get("launcher") == "ray" else "")
+        key = (name, rec["gpus"], _workload(rec) if len(workloads) > 1 else "")
         groups.setdefault(key, {}).setdefault(rec["path"], []).append(rec)
     comparisons = {}
     for (name, g, workload), paths in sorted(groups.items()):
-        if "accelerate" in paths or (SCENARIOS.get(name) and SCENARIOS[name].accelerate):
+        scenario = SCENARIOS.get(name.removesuffix("-ray"))
+        if "accelerate" in paths or (scenario and scenario.accelerate):
             comparisons[f"{name}-g{g}{workload}"] = compare_paths(
                 paths.get("optimenv", []), paths.get("accelerate", [])
             )
@@ -965,12 +1005,37 @@ def report(paths: list[str], out: str | None) -> int:
     if out:
         Path(out).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     print(markdown(summary))
+    print("\n".join(ray_lines(summary)))
     return 0
+
+
+def ray_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per Ray Train comparison, last in the output: ``ray-gpu: <scenario> ratio <x.xxx> ...``."""
+    lines = []
+    for key, c in summary["comparisons"].items():
+        if "-ray-" not in key:
+            continue
+        ratio = c["ratio_median_tokens_per_s"]
+        n = [(c["tokens_per_s"][path] or {}).get("n", 0) for path in ("optimenv", "accelerate")]
+        lines.append(
+            f"ray-gpu: {key.replace('-ray', '')} ratio {'-' if ratio is None else f'{ratio:.3f}'} "
+            f"{_interval(c.get('ratio_interval_90'))} ({'ok' if c['ratio_ok'] else 'below 0.98'}), "
+            f"launches {n[0]}/{n[1]}, state {'identical' if c['state_identical'] else 'DIFFERENT'}, "
+            f"losses {'equal' if c['losses_ok'] else 'DIFFERENT'}"
+        )
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, required=True, help="GPUs per launch (one node)")
+    p.add_argument(
+        "--launcher",
+        choices=("torchrun", "ray"),
+        default="torchrun",
+        help="torchrun: the rendered PyTorchJob pod vs accelerate launch; ray: optimenv run vs a bare "
+        "Ray TorchTrainer with the hand-written Accelerate config",
+    )
     p.add_argument("--scenarios", default="fsdp2,zero3", help=f"comma-separated, of: {', '.join(SCENARIOS)}")
     p.add_argument("--semantic", action="store_true", help=f"also run {', '.join(SEMANTIC)} (optimenv only)")
     p.add_argument("--reps", type=int, default=3, help="launches per path and scenario (alternating)")

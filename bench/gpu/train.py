@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--label", default="")
+    p.add_argument(
+        "--no-hard-exit",
+        dest="hard_exit",
+        action="store_false",
+        help="return at the end instead of os._exit(0) (a bare Ray worker would die of it)",
+    )
     args = p.parse_args(argv)
     if args.steps <= args.warmup:
         p.error("--steps must be larger than --warmup")
@@ -437,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     # A clean exit: torchrun + FSDP/ZeRO-3 aborts at interpreter teardown about 1 run in 10.
-    os._exit(0)
+    if args.hard_exit:
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ DIR/spec.json -- SCRIPT`` work here as they do in a pod.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
 
+from optimenv._files import write_atomically
 from optimenv.cli import hardware_from, read_config, spec_policy_option, topology_options
 from optimenv.errors import ConfigError
 from optimenv.plan import plan
@@ -56,9 +55,9 @@ def spec_command(
     written = []
     # The JSON first: a spec on disk never names a DeepSpeed file that is not there yet.
     if result.deepspeed is not None:
-        write_atomically(ds_file, deepspeed_text(result.deepspeed))
+        _write(ds_file, deepspeed_text(result.deepspeed))
         written.append(ds_file)
-    write_atomically(folder / SPEC_FILE, spec_text(spec))
+    _write(folder / SPEC_FILE, spec_text(spec))
     written.append(folder / SPEC_FILE)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -82,25 +81,8 @@ def _make_folder(folder: Path) -> None:
         raise ConfigError("--out-dir", f"cannot create {folder}: {exc.strerror or exc}") from None
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: readers see the old file or the new, never half."""
+def _write(path: Path, text: str) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        write_atomically(path, text)
     except OSError as exc:
-        raise ConfigError("--out-dir", f"cannot write in {path.parent}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; these files are not secret
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise ConfigError("--out-dir", f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

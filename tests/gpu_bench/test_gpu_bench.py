@@ -38,6 +38,7 @@ def _load(name: str) -> Any:
 
 
 run = _load("run")
+ray_bare = _load("ray_bare")
 
 # Set by `accelerate launch` for every FSDP config: FSDP1-only switches that FSDP2 ignores
 # (accelerate-env.md section 1.5); the GPU runs show the plugin state is identical regardless.
@@ -58,19 +59,7 @@ def _planned(name: str, gpus: int, ds_path: str = "/etc/optimenv/deepspeed.json"
 
 def _accelerate_env(launch: Any) -> dict[str, str]:
     """The environment `accelerate launch` gives the training processes, computed by Accelerate."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
-
-    argv = launch.cmd[2:]  # after "accelerate launch"
-    args = launch_command_parser().parse_args(argv)
-    args, defaults, mp_from_config = _validate_launch_command(args)
-    if args.use_deepspeed:
-        fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
-        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
-        _, env = prepare_deepspeed_cmd_env(args)
-    else:
-        env = prepare_multi_gpu_env(args)
-    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_", "PARALLELISM_CONFIG_"))}
+    return dict(ray_bare.accelerate_env(launch.cmd[2:]))  # after "accelerate launch"
 
 
 @pytest.mark.parametrize(("name", "gpus"), PAIRED)
@@ -357,7 +346,9 @@ def test_tp_share_halves_everything_and_the_tp_plan_again() -> None:
     assert not quarter["ok"]
 
 
-def _run_on_cpus(tmp_path: Path, gpus: int, scenarios: str, base_port: int) -> dict[str, Any]:
+def _run_on_cpus(
+    tmp_path: Path, gpus: int, scenarios: str, base_port: int, launcher: str = "torchrun"
+) -> dict[str, Any]:
     """The real runner with ``gpus`` gloo processes on CPUs (test shim); its summary and results."""
     env = {
         **os.environ,
@@ -372,7 +363,7 @@ def _run_on_cpus(tmp_path: Path, gpus: int, scenarios: str, base_port: int) -> d
         "--reps", "1", "--model", "llama-tiny", "--steps", "3", "--warmup", "1", "--seq-len", "32",
         "--micro-batch", "2",
         "--mount-root", str(tmp_path / "mnt"), "--work", str(tmp_path / "work"), "--out", str(out),
-        "--base-port", str(base_port), "--launch-timeout", "180",
+        "--base-port", str(base_port), "--launch-timeout", "180", "--launcher", launcher,
     ]  # fmt: skip
     proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -415,3 +406,71 @@ def test_4rank_layouts_shard_as_planned_on_cpus(tmp_path: Path) -> None:
     layouts = summary["layouts"]
     assert len(layouts) == 6  # HSDP: mesh + share, per path; ZeRO-3: share, per path
     assert all(check["ok"] for check in layouts), layouts
+
+
+@pytest.mark.parametrize("path", ["optimenv", "accelerate"])
+def test_ray_launches_are_optimenv_run_and_a_bare_ray_trainer(path: str, tmp_path: Path) -> None:
+    launch = run.build("zero3", path, 0, 2, 0, run.TrainArgs(), tmp_path, "/", "ray")
+    assert launch.launcher == "ray" and not launch.files
+    train_at = launch.cmd.index(run.TRAIN)
+    assert launch.cmd[train_at - 1] == "--"
+    if path == "optimenv":
+        assert launch.cmd[3:8] == ["run", "bench/gpu/configs/zero3.yaml", "--workers", "2", "-o"]
+        assert launch.cmd[-1] != "--no-hard-exit"  # optimenv run copes with the script's os._exit
+    else:
+        assert launch.cmd[1:4] == ["bench/gpu/ray_bare.py", "--workers", "2"]
+        assert launch.cmd[-1] == "--no-hard-exit"
+        # The bare path's Accelerate variables are what accelerate launch derives from the same file.
+        flags = launch.cmd[4:train_at - 1]
+        env = ray_bare.accelerate_env([*flags, "--num_processes", "2", run.TRAIN])
+        torchrun = run.build("zero3", "accelerate", 0, 2, 30004, run.TrainArgs(), tmp_path, "/")
+        assert env == _accelerate_env(torchrun)
+
+
+def test_ray_comparisons_stay_apart_and_end_the_output_with_one_line_each() -> None:
+    h100 = "NVIDIA H100 80GB HBM3"
+    torchrun = [_launch("optimenv", 0, 100.0, 8, h100), _launch("accelerate", 0, 100.0, 8, h100)]
+    ray = [
+        {**_launch("optimenv", 0, 99.0, 8, h100), "launcher": "ray"},
+        {**_launch("accelerate", 0, 100.0, 8, h100), "launcher": "ray"},
+    ]
+    summary = run.summarise([{"meta": {"machine": {"versions": {}}}, "launches": [*torchrun, *ray]}])
+    assert set(summary["comparisons"]) == {"zero3-g1", "zero3-ray-g1"}
+    assert run.ray_lines(summary) == [
+        "ray-gpu: zero3-g1 ratio 0.990 0.990 to 0.990 (ok), launches 1/1, state identical, losses equal"
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_ray_workers_train_like_a_bare_ray_trainer_on_cpus(tmp_path: Path) -> None:
+    """Issue 14 on CPUs: ZeRO-3 over 2 Ray Train workers, optimenv run vs a bare TorchTrainer."""
+    ran = _run_on_cpus(tmp_path, 2, "zero3", 0, launcher="ray")
+    c = ran["summary"]["comparisons"]["zero3-ray-g2"]
+    assert c["state_identical"], c["state_differences"]
+    assert c["loss_max_abs_diff_between_paths"] == 0.0
+    for launch in ran["results"]["launches"]:
+        assert launch["ok"] and launch["launcher"] == "ray"
+        for rank in launch["ranks"]:
+            assert rank["params"]["local_bytes"] * 2 == rank["params"]["full_bytes"]
+            assert rank["creation"]["created_partitioned"]
+
+
+def test_trimmed_wheel_drops_the_folders_and_their_record_rows(tmp_path: Path) -> None:
+    import zipfile
+
+    trim_wheel = _load("trim_wheel")
+    src, dst = tmp_path / "pkg-1.0-py3-none-any.whl", tmp_path / "out" / "pkg-1.0-py3-none-any.whl"
+    dst.parent.mkdir()
+    rows = ["pkg/__init__.py,sha256=a,1", "pkg/jars/big.jar,sha256=b,2", "pkg/web/build/x.js,sha256=c,3"]
+    with zipfile.ZipFile(src, "w") as whl:
+        for row in rows:
+            whl.writestr(row.split(",")[0], "x")
+        whl.writestr("pkg-1.0.dist-info/RECORD", "\n".join([*rows, "pkg-1.0.dist-info/RECORD,,"]) + "\n")
+    assert trim_wheel.trim(src, dst, ["pkg/jars/", "pkg/web/build/"]) == (2, 2)
+    with zipfile.ZipFile(dst) as whl:
+        assert sorted(whl.namelist()) == ["pkg-1.0.dist-info/RECORD", "pkg/__init__.py"]
+        assert whl.read("pkg-1.0.dist-info/RECORD").decode().splitlines() == [
+            "pkg/__init__.py,sha256=a,1",
+            "pkg-1.0.dist-info/RECORD,,",
+        ]

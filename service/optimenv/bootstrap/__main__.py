@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, NoReturn
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
+from typing import NoReturn
 
 PROG = "optimenv-bootstrap"
 USAGE = f"""\
@@ -71,11 +68,14 @@ def _options(argv: list[str], *, run: bool) -> tuple[str | None, bool, str | Non
 
 def _apply(spec: str | None, quiet: bool, *, in_process: bool, doing: str) -> None:
     """Apply the spec to this process's environment, or exit with the one-line refusal."""
-    from optimenv.bootstrap._apply import apply_spec
+    from optimenv.bootstrap._apply import apply_spec, cpu_variables
     from optimenv.errors import OptimEnvError
 
     try:
-        extra = () if in_process else _cpu_variables(os.environ)
+        # Exec mode on a CPU-only worker: without it Accelerate runs each process that torchrun
+        # starts alone (DistributedType.NO); with it they form one gloo group (MULTI_CPU). Run
+        # mode runs inside a process its launcher (or exec mode) already set up.
+        extra = () if in_process else cpu_variables(os.environ, "bootstrap: no GPU on this worker")
         applied = apply_spec(spec, os.environ, in_process=in_process, extra=extra)
     except OptimEnvError as exc:
         _fail(str(exc))
@@ -83,22 +83,6 @@ def _apply(spec: str | None, quiet: bool, *, in_process: bool, doing: str) -> No
     if not quiet:
         sys.stderr.write(f"{PROG}: {applied.summary()}; {doing}\n")
     sys.stderr.flush()
-
-
-def _cpu_variables(environ: Mapping[str, str]) -> tuple[tuple[str, str, str], ...]:
-    """Exec mode: ``ACCELERATE_USE_CPU=true`` on a worker without a GPU, unless the environment has it.
-
-    Without it Accelerate runs each process that torchrun starts on a CPU-only worker alone
-    (``DistributedType.NO``); with it they form one gloo group (``MULTI_CPU``), as in Ray mode.
-    Set ``ACCELERATE_USE_CPU`` yourself (``false``) to keep the bootstrap from setting it. Run mode
-    leaves it alone: it runs inside a process that its launcher (or exec mode) already set up.
-    """
-    from optimenv.bootstrap._apply import CPU_VARIABLE
-    from optimenv.bootstrap._probe import no_gpu_reason
-
-    if CPU_VARIABLE in environ or no_gpu_reason(environ) is None:
-        return ()
-    return ((CPU_VARIABLE, "true", "bootstrap: no GPU on this worker"),)
 
 
 def _point_at(spec_path: str | None) -> None:

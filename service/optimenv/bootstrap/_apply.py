@@ -46,6 +46,18 @@ _APPLIED: dict[tuple[str, bool, str | None], tuple[Mapping[str, str], Applied]] 
 #: it each process runs alone (exec mode under torchrun) or ignores Ray's group (Ray mode).
 CPU_VARIABLE = "ACCELERATE_USE_CPU"
 
+Extra = tuple[tuple[str, str, str], ...]
+
+
+def cpu_variables(environ: Mapping[str, str], source: str, *, cpu: bool | None = None) -> Extra:
+    """``ACCELERATE_USE_CPU=true`` for CPU workers (``cpu``; ``None``: when no GPU is visible), unless
+    the environment sets it already: setting it, to ``false`` say, is how a user opts out."""
+    if cpu is False or CPU_VARIABLE in environ:
+        return ()
+    if cpu is None and _probe.no_gpu_reason(environ) is None:
+        return ()
+    return ((CPU_VARIABLE, "true", source),)
+
 
 class BootstrapError(OptimEnvError):
     """The bootstrap refuses to start the worker (the message says why and what to do)."""

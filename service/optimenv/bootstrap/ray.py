@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from optimenv._files import write_atomically
-from optimenv.bootstrap import _probe
-from optimenv.bootstrap._apply import CPU_VARIABLE, Applied, SpecArg, apply_spec, load_spec
+from optimenv.bootstrap._apply import Applied, SpecArg, apply_spec, cpu_variables, load_spec
 from optimenv.bootstrap._script import run_script
 from optimenv.bootstrap._state import accelerate_state
 from optimenv.errors import OptimEnvError
@@ -117,7 +116,8 @@ def prepare_worker(
     When the spec's DeepSpeed path does not exist on this node, the JSON from the spec is written
     to a worker-local file and ``ACCELERATE_DEEPSPEED_CONFIG_FILE`` points there. ``cpu``: set
     ``ACCELERATE_USE_CPU=true`` so Accelerate joins Ray's gloo group (default: when no GPU is
-    visible). For ZeRO-3 the returned record holds transformers' config alive for the process.
+    visible; never over a value the environment already has). For ZeRO-3 the returned record
+    holds transformers' config alive for the process.
     """
     doc, _ = load_spec(spec, environ)
     local: str | None = None
@@ -125,9 +125,7 @@ def prepare_worker(
     path = doc.get("deepspeedPath")
     if planned is not None and isinstance(path, str) and not os.path.exists(path):
         local = _write_local_copy(str(doc["hash"]), planned)
-    if cpu is None:
-        cpu = _probe.no_gpu_reason(environ) is not None
-    extra = ((CPU_VARIABLE, "true", "ray: CPU workers"),) if cpu else ()
+    extra = cpu_variables(environ, "ray: CPU workers", cpu=cpu)
     return apply_spec(doc, environ, in_process=True, deepspeed_path=local, extra=extra)
 
 

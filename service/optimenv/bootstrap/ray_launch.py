@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from optimenv._files import write_atomically
+from optimenv.errors import OptimEnvError
 from optimenv.spec import SPEC_ENV
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ def ray_launch_command(
     from optimenv.bootstrap.ray import LaunchError, MetricsRecord, checked_launch, launch, reports_json
 
     checked_launch(spec, script, module=module, workers=workers)  # refused before Ray starts
+    if report_path is not None and not report_path.resolve().parent.is_dir():
+        raise OptimEnvError(f"--report: folder {report_path.resolve().parent} does not exist")
     with exits_when_interrupted(), owned_stderr(log_path or default_log_path("ray-launch")) as console:
 
         def show(record: MetricsRecord) -> None:
@@ -102,16 +105,23 @@ def ray_launch_command(
                 reports = wait_for(fit, console)
             except LaunchError as exc:
                 if report_path is not None:
-                    write_atomically(report_path, reports_json(exc.reports))
+                    _write_report(report_path, reports_json(exc.reports))
                 for line in exc.failure_lines():
                     console.say(line)
                 console.say(f"error: {exc}")
                 console.say(f"log: {console.log_path}")
                 raise click.exceptions.Exit(exc.exit_code) from None
         if report_path is not None:
-            write_atomically(report_path, reports_json(reports))
+            _write_report(report_path, reports_json(reports))
         for r in reports:
             state = (r.accelerate or {}).get("distributed_type", "-")
             n = len((r.applied or {}).get("assigned", []))
             reported = len(r.metrics)
             console.say(f"worker {r.rank}: ok, {n} variables set, accelerate {state}, {reported} reports")
+
+
+def _write_report(path: Path, text: str) -> None:
+    try:
+        write_atomically(path, text)
+    except OSError as exc:
+        raise OptimEnvError(f"--report: cannot write {path}: {exc.strerror or exc}") from None
