@@ -93,7 +93,8 @@ class Console:
 
 
 class _LineProgress:
-    """Progress as a line every few seconds: what a log file or CI output can show of a bar."""
+    """Progress as a line at the first step, then every few seconds, and at the end: what a log file
+    or CI output can show of a bar."""
 
     EVERY_S = 5.0
 
@@ -101,7 +102,7 @@ class _LineProgress:
         self._console, self._total, self._desc = console, total, desc
         self._done = 0
         self._postfix = ""
-        self._shown = time.monotonic()
+        self._shown = float("-inf")  # the first step shows at once: training has started
         self._shown_done = 0
         self._closed = False
 

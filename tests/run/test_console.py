@@ -78,15 +78,17 @@ def test_colours_reach_a_terminal() -> None:
 def test_progress_off_a_terminal_is_a_line_now_and_then() -> None:
     console, stream, _ = _console(tty=False)
     bar = _LineProgress(console, 30, "training")
-    bar.update(1)  # within the first interval: nothing yet
-    assert stream.getvalue() == ""
     bar.set_postfix(loss="5.5000")
+    bar.update(1)  # the first step shows at once
+    bar.update(1)  # within the interval: not shown
     bar._shown -= _LineProgress.EVERY_S
+    bar.set_postfix(loss="4.0000")
     bar.update(1)
-    bar.update(28)
+    bar.update(27)
     bar.close()
     bar.close()
     assert stream.getvalue().splitlines() == [
-        "training: 2/30 steps, loss 5.5000",
-        "training: 30/30 steps, loss 5.5000",
+        "training: 1/30 steps, loss 5.5000",
+        "training: 3/30 steps, loss 4.0000",
+        "training: 30/30 steps, loss 4.0000",
     ]
