@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from optimenv.config import MAX_CONFIG_BYTES, TrainingConfig, load_config
 from optimenv.errors import ConfigError, OptimEnvError
+from optimenv.limits import read_stream
 from optimenv.plan import DEFAULT_DEEPSPEED_PATH, Hardware, Plan, plan
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -91,14 +95,15 @@ def hardware_from(kwargs: dict[str, Any]) -> Hardware:
 
 
 def read_config(source: str) -> TrainingConfig:
-    """CONFIG argument: a path, or ``-`` for standard input."""
+    """CONFIG argument: a path (a regular file), or ``-`` for standard input; both bounded."""
     if source == "-":
         # Bytes, bounded: a text read would pass undecodable bytes on as surrogates.
-        raw = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                "config", f"standard input is larger than the limit of {MAX_CONFIG_BYTES} bytes"
-            )
+        if sys.stdin is None:  # started with standard input closed
+            raise ConfigError("config", "standard input is closed", "give a file path instead of -")
+        try:
+            raw = read_stream(sys.stdin.buffer, MAX_CONFIG_BYTES)
+        except OSError as exc:
+            raise ConfigError("config", f"standard input: {exc.strerror or exc}") from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -136,12 +141,13 @@ def plan_command(config: str, output: str, **kwargs: Any) -> None:
     """Show the environment Accelerate will see for CONFIG, with the key behind each variable."""
     result = plan_from_args(config, kwargs)
     if output == "json":
-        click.echo(result.to_json(), nl=False)
+        text = result.to_json()
     elif output == "env":
-        for var in result.env:
-            click.echo(f"{var.name}={_shell_quote(var.value)}")
+        text = "".join(f"{var.name}={_shell_quote(var.value)}\n" for var in result.env)
     else:
-        click.echo(_table(result), nl=False)
+        text = _table(result)
+    # Data, written as it is: click.echo would strip escape sequences when stdout is not a terminal.
+    click.echo(text, nl=False, color=True)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
 
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Without standalone mode click returns (not raises) the code of a click.exceptions.Exit.
         code = cli.main(args=argv, prog_name="optimenv", standalone_mode=False)
+        sys.stdout.flush()  # a full disk or a closed pipe shows here, not at interpreter exit
     except OptimEnvError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -181,7 +188,21 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(1)
+    except OSError as exc:
+        if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT):
+            raise
+        _stdout_failed(exc)
     sys.exit(code if type(code) is int else 0)
+
+
+def _stdout_failed(exc: OSError) -> NoReturn:
+    """Writing the output failed (``> /dev/full``, a closed pipe): say so once, exit 1."""
+    # Point stdout at /dev/null so the interpreter's own flush at exit cannot fail again.
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if exc.errno != errno.EPIPE:  # the reader of a closed pipe wants nothing more, not even a message
+        click.echo(f"error: cannot write the output: {exc.strerror or exc}", err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover
