@@ -235,6 +235,35 @@ def run_cli_sample(args: argparse.Namespace, tally: Tally) -> int:
     return len(cases)
 
 
+def time_loaders(args: argparse.Namespace) -> list[str]:
+    """The bounded YAML loader against PyYAML's own loaders, on real configs and on 99,990 values."""
+    import timeit
+
+    import yaml
+
+    from optimenv.config import parse_yaml
+
+    files = sorted((REPO / "examples").glob("*.yaml")) + list(_corpus(args.corpus))
+    texts = [p.read_text() for p in files]
+    bulk = "x: [" + ",".join(["1"] * 99_990) + "]\n"
+    loaders = {
+        "yaml.safe_load (baseline)": lambda t: yaml.safe_load(t),
+        "yaml CSafeLoader": lambda t: yaml.load(t, Loader=yaml.CSafeLoader),
+        "optimenv parse_yaml": parse_yaml,
+    }
+    lines = [f"YAML loaders: {len(texts)} configs (µs per config) and one document of 99,990 values (ms)"]
+    base: tuple[float, float] | None = None
+    for name, load in loaders.items():
+        configs = min(timeit.repeat(lambda ld=load: [ld(t) for t in texts], number=3, repeat=5)) / 3
+        values = min(timeit.repeat(lambda ld=load: ld(bulk), number=1, repeat=3))
+        base = base or (configs, values)
+        lines.append(
+            f"  {name:26} {configs / len(texts) * 1e6:8.0f} µs {configs / base[0]:5.2f}x"
+            f" {values * 1e3:8.0f} ms {values / base[1]:5.2f}x"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=12_000)
@@ -258,10 +287,10 @@ def main() -> None:
         list(pool.map(lambda w: _drive_all(args, tally, w), range(args.workers)))
     in_process = time.perf_counter() - began
     cli = run_cli_sample(args, tally) if args.cli else 0
-    _print(args, tally, in_process, cli)
+    _print(args, tally, in_process, cli, time_loaders(args))
 
 
-def _print(args: argparse.Namespace, tally: Tally, seconds: float, cli: int) -> None:
+def _print(args: argparse.Namespace, tally: Tally, seconds: float, cli: int, loaders: list[str]) -> None:
     median = statistics.median(tally.seconds) if tally.seconds else 0.0
     slowest, slowest_case = tally.slowest
     print(
@@ -269,6 +298,7 @@ def _print(args: argparse.Namespace, tally: Tally, seconds: float, cli: int) -> 
         f"RLIMIT_AS {args.memory_mib} MiB, hang after {args.hang_seconds:.0f} s, seed {args.seed}, "
         f"scale {args.scale}, corpus {'yes' if args.corpus else 'no'}"
     )
+    print("\n".join(loaders))
     print(
         f"in-process: {len(tally.seconds)} cases in {seconds:.0f} s; median case {median * 1000:.1f} ms "
         f"(baseline), slowest {slowest:.2f} s, case {slowest_case} "
