@@ -92,7 +92,7 @@ def check_json(value: Any, field: str = "deepspeed") -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ConfigError(field, f"keys must be strings, got {shown(key)}", "quote the key")
-            check_json(item, f"{field}.{key}")
+            check_json(item, f"{field}.{limits.key_text(key)}")
     elif isinstance(value, list):
         for index, item in enumerate(value):
             check_json(item, f"{field}[{index}]")
