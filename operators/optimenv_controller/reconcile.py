@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from optimenv.config import parse_config, parse_yaml
 from optimenv.deepspeed import PRESETS
-from optimenv.errors import ConfigError, OptimEnvError
+from optimenv.errors import ConfigError, OptimEnvError, shown
+from optimenv.limits import check_data
 from optimenv.plan import Plan, plan
 from optimenv.render import CONTENT_HASH_ANNOTATION, JobOptions, render
 from optimenv.resource import API_VERSION, GROUP, KIND, Condition, OptimEnvSpec, parse_spec
@@ -130,6 +131,8 @@ def desired(obj: Mapping[str, Any], referenced: Mapping[str, Any] | None = None)
     ``referenced`` is the ConfigMap named by ``spec.configMapRef`` as read (None: it does not exist).
     """
     try:
+        # Bounds first (values, text, depth, 64-bit integers): nothing below may grow with the input.
+        check_data(obj.get("spec"), "spec")
         spec = parse_spec(obj.get("spec"))
         if spec.config is not None:
             where = "spec.config."
@@ -158,14 +161,15 @@ def _config_data(spec: OptimEnvSpec, referenced: Mapping[str, Any] | None) -> di
         ref = spec.configMapRef
         body = referenced
         if body is None:
-            return Invalid("ConfigMapNotFound", f"spec.configMapRef: ConfigMap {ref.name!r} not found")
-        text = (body.get("data") or {}).get(ref.key)
+            return Invalid("ConfigMapNotFound", f"spec.configMapRef: ConfigMap {shown(ref.name)} not found")
+        data_map = body.get("data")
+        text = data_map.get(ref.key) if isinstance(data_map, Mapping) else None
         if text is None:
             return Invalid(
                 "ConfigMapKeyNotFound",
-                f"spec.configMapRef.key: ConfigMap {ref.name!r} has no key {ref.key!r}",
+                f"spec.configMapRef.key: ConfigMap {shown(ref.name)} has no key {shown(ref.key)}",
             )
-        data = parse_yaml(text)
+        data = parse_yaml(text)  # bounded while it is composed: an alias bomb is never expanded
     if not isinstance(data, dict):
         raise ConfigError("config", f"top level must be a mapping, got {type(data).__name__}")
     ds = data.get("deepspeed")
@@ -173,7 +177,7 @@ def _config_data(spec: OptimEnvSpec, referenced: Mapping[str, Any] | None) -> di
         # A path would be read from the controller's own filesystem, never the workers'.
         raise ConfigError(
             "deepspeed",
-            f"{ds!r} is a file path, which the controller cannot read",
+            f"{shown(ds)} is a file path, which the controller cannot read",
             f"inline the DeepSpeed JSON as a mapping or use a preset ({', '.join(sorted(PRESETS))})",
         )
     return data

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import importlib.metadata
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +17,7 @@ import yaml
 
 from optimenv.config import MAX_CONFIG_BYTES, TrainingConfig, load_config
 from optimenv.errors import ConfigError, OptimEnvError
+from optimenv.limits import read_stream
 from optimenv.plan import DEFAULT_DEEPSPEED_PATH, Hardware, Plan, plan
 from optimenv.spec import POLICIES
 
@@ -151,14 +155,15 @@ def hardware_from(kwargs: dict[str, Any]) -> Hardware:
 
 
 def read_config(source: str) -> TrainingConfig:
-    """CONFIG argument: a path, or ``-`` for standard input."""
+    """CONFIG argument: a path (a regular file), or ``-`` for standard input; both bounded."""
     if source == "-":
         # Bytes, bounded: a text read would pass undecodable bytes on as surrogates.
-        raw = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                "config", f"standard input is larger than the limit of {MAX_CONFIG_BYTES} bytes"
-            )
+        if sys.stdin is None:  # started with standard input closed
+            raise ConfigError("config", "standard input is closed", "give a file path instead of -")
+        try:
+            raw = read_stream(sys.stdin.buffer, MAX_CONFIG_BYTES)
+        except OSError as exc:
+            raise ConfigError("config", f"standard input: {exc.strerror or exc}") from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -200,13 +205,15 @@ def plan_command(config: str, output: str, **kwargs: Any) -> None:
     """Show the environment Accelerate will see for CONFIG, with the key behind each variable."""
     result = plan_from_args(config, kwargs)
     if output == "json":
-        click.echo(result.to_json(), nl=False)
+        text = result.to_json()
     elif output == "yaml":
-        click.echo(yaml.safe_dump(result.to_dict(), sort_keys=False, allow_unicode=True), nl=False)
+        text = yaml.safe_dump(result.to_dict(), sort_keys=False, allow_unicode=True)
     elif output == "env":
-        click.echo(_env_lines(result), nl=False)
+        text = _env_lines(result)
     else:
-        click.echo(_table(result), nl=False)
+        text = _table(result)
+    # Data, written as it is: click.echo would strip escape sequences when stdout is not a terminal.
+    click.echo(text, nl=False, color=True)
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
 
@@ -244,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Without standalone mode click returns (not raises) the code of a click.exceptions.Exit.
         code = cli.main(args=argv, prog_name="optimenv", standalone_mode=False)
+        sys.stdout.flush()  # a full disk or a closed pipe shows here, not at interpreter exit
     except OptimEnvError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -259,12 +267,26 @@ def main(argv: list[str] | None = None) -> None:
         # Usage errors exit 2, as click's own standalone mode does; other click errors 1.
         click.echo(f"error: {exc.format_message().rstrip('.')}{_help_hint(exc)}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT):
+            raise
+        _stdout_failed(exc)
     sys.exit(code if type(code) is int else 0)
 
 
 def _help_hint(exc: click.ClickException) -> str:
     ctx = exc.ctx if isinstance(exc, click.UsageError) else None
     return f" (see {ctx.command_path} --help)" if ctx is not None else ""
+
+
+def _stdout_failed(exc: OSError) -> NoReturn:
+    """Writing the output failed (``> /dev/full``, a closed pipe): say so once, exit 1."""
+    # Point stdout at /dev/null so the interpreter's own flush at exit cannot fail again.
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if exc.errno != errno.EPIPE:  # the reader of a closed pipe wants nothing more, not even a message
+        click.echo(f"error: cannot write the output: {exc.strerror or exc}", err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

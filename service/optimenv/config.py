@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -21,11 +21,34 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.events import AliasEvent
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.resolver import Resolver
 
 from optimenv import deepspeed as ds
-from optimenv.errors import ConfigError
+from optimenv import limits
+from optimenv.errors import ConfigError, shown
+from optimenv.limits import INT_MAX, MAX_CONFIG_BYTES, MAX_DEPTH, MAX_INT_CHARS, MAX_VALUES
 
-MAX_CONFIG_BYTES = 4 * 1024 * 1024
+try:  # libyaml scans and parses about 3x faster; composing stays in Python, where it is counted
+    from yaml.cyaml import CParser as _Parser  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    from yaml.parser import Parser
+    from yaml.reader import Reader
+    from yaml.scanner import Scanner
+
+    class _Parser(Reader, Scanner, Parser):  # type: ignore[no-redef]
+        def __init__(self, stream: str) -> None:
+            Reader.__init__(self, stream)
+            Scanner.__init__(self)
+            Parser.__init__(self)
+
+
+__all__ = ["MAX_CONFIG_BYTES", "MAX_CONFIG_VALUES", "TrainingConfig", "load_config", "parse_config"]
+MAX_CONFIG_VALUES = MAX_VALUES
+Int64 = Annotated[int, Field(le=INT_MAX)]
 
 StateDictType = Literal["FULL_STATE_DICT", "LOCAL_STATE_DICT", "SHARDED_STATE_DICT"]
 ShardingStrategy = Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"]
@@ -59,7 +82,7 @@ class FSDPConfig(BaseModel):
     final_state_dict_type: StateDictType | None = None
     auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP"] | None = None
     transformer_layer_cls_to_wrap: str | None = None
-    min_num_params: int | None = Field(default=None, ge=1)
+    min_num_params: Int64 | None = Field(default=None, ge=1)
     reshard_after_forward: bool | None = None
     mixed_precision_policy: str | None = None
     # Accepted by Accelerate (FSDP1) but dropped by Axolotl's schema (defect D1).
@@ -94,6 +117,10 @@ class FSDPConfig(BaseModel):
             parts = [p.strip() for p in value.split(",")]
             if not all(parts):
                 raise ValueError("class names must be non-empty, separated by commas")
+            odd = next((p for p in parts if not p.isidentifier()), None)
+            if odd is not None:
+                # Accelerate compares them with each module's class __name__: nothing else can match.
+                raise ValueError(f"{shown(odd)} is not a class name (a Python identifier)")
             value = ",".join(parts)
         return value
 
@@ -115,33 +142,37 @@ def _normalise_fsdp_keys(raw: dict[str, Any]) -> dict[str, Any]:
     origin: dict[str, str] = {}
     for key, value in raw.items():
         if not isinstance(key, str):
-            raise ConfigError("fsdp_config", f"keys must be strings, got {key!r}")
+            raise ConfigError("fsdp_config", f"keys must be strings, got {shown(key)}")
         name = key if key == "fsdp_version" else key.removeprefix("fsdp_")
         if name == "version":
             name = "fsdp_version"
         if name in out and out[name] != value:
             raise ConfigError(
-                f"fsdp_config.{key}",
-                f"conflicts with fsdp_config.{origin[name]} ({value!r} vs {out[name]!r})",
+                f"fsdp_config.{limits.key_text(key)}",
+                f"conflicts with fsdp_config.{limits.key_text(origin[name])} "
+                f"({shown(value)} vs {shown(out[name])})",
                 "keep one of the two spellings",
             )
         out[name] = value
         origin[name] = key
     for name in out:
         if name not in _FSDP_KEYS:
-            raise ConfigError(f"fsdp_config.{origin[name]}", "unknown key", _did_you_mean(name, _FSDP_KEYS))
+            raise ConfigError(
+                f"fsdp_config.{limits.key_text(origin[name])}", "unknown key", _did_you_mean(name, _FSDP_KEYS)
+            )
     return out
 
 
 def _lax_int(value: Any) -> Any:
     """``"2"`` -> ``2``, as Axolotl's ``int`` field coerces it (and ``str(v) == "2"`` compares it)."""
-    if isinstance(value, str) and value.strip().isascii() and value.strip().isdecimal():
-        return int(value.strip())
+    text = value.strip() if isinstance(value, str) else ""
+    if 0 < len(text) <= 19 and text.isascii() and text.isdecimal():  # 19 digits: always a 64-bit int
+        return int(text)
     return value
 
 
 def _did_you_mean(word: str, choices: tuple[str, ...] | list[str], noun: str = "keys") -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(word[:100], choices, n=1, cutoff=0.6)
     if close:
         return f"did you mean {close[0]!r}?"
     return f"known {noun}: " + ", ".join(sorted(choices))
@@ -164,19 +195,19 @@ class TrainingConfig(BaseModel):
     tf32: Literal["auto"] | bool | None = "auto"
     torch_compile: Literal["auto"] | bool | None = None
     torch_compile_backend: str | None = None
-    tensor_parallel_size: int | None = Field(default=None, ge=1)
-    dp_shard_size: int | None = Field(default=None, ge=1)
-    dp_replicate_size: int | None = Field(default=None, ge=1)
-    context_parallel_size: int | None = Field(default=None, ge=1)
-    sequence_parallel_degree: int | None = Field(default=None, ge=1)
-    expert_parallel_size: int | None = Field(default=None, ge=1)
-    gradient_accumulation_steps: int | None = Field(default=1, ge=1)
-    micro_batch_size: int | None = Field(default=1, ge=1)
-    batch_size: int | None = Field(default=None, ge=1)
-    ddp_timeout: int | None = Field(default=None, ge=1)
+    tensor_parallel_size: Int64 | None = Field(default=None, ge=1)
+    dp_shard_size: Int64 | None = Field(default=None, ge=1)
+    dp_replicate_size: Int64 | None = Field(default=None, ge=1)
+    context_parallel_size: Int64 | None = Field(default=None, ge=1)
+    sequence_parallel_degree: Int64 | None = Field(default=None, ge=1)
+    expert_parallel_size: Int64 | None = Field(default=None, ge=1)
+    gradient_accumulation_steps: Int64 | None = Field(default=1, ge=1)
+    micro_batch_size: Int64 | None = Field(default=1, ge=1)
+    batch_size: Int64 | None = Field(default=None, ge=1)
+    ddp_timeout: Int64 | None = Field(default=None, ge=1)
     use_ray: bool = False
     ray_run_name: str | None = None
-    ray_num_workers: int = Field(default=1, ge=1)
+    ray_num_workers: Int64 = Field(default=1, ge=1)
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"GPU": 1.0})
 
     _deepspeed_json: dict[str, Any] | None = PrivateAttr(default=None)
@@ -192,7 +223,7 @@ class TrainingConfig(BaseModel):
             for item in value:
                 if item not in LEGACY_FSDP_ITEMS:
                     hint = _did_you_mean(str(item), LEGACY_FSDP_ITEMS, "items")
-                    raise ValueError(f"unknown item {item!r}; {hint}")
+                    raise ValueError(f"unknown item {shown(item)}; {hint}")
             strategies = [i for i in value if i not in ("offload", "auto_wrap")]
             if len(set(strategies)) > 1:
                 # transformers refuses these combinations too; one would be silently dropped.
@@ -206,7 +237,7 @@ class TrainingConfig(BaseModel):
             upper = value.upper()
             if upper not in DYNAMO_BACKENDS:
                 hint = _did_you_mean(upper, DYNAMO_BACKENDS, "backends")
-                raise ValueError(f"unknown backend {value!r}; {hint}")
+                raise ValueError(f"unknown backend {shown(value)}; {hint}")
         return value
 
     @model_validator(mode="before")
@@ -225,7 +256,7 @@ class TrainingConfig(BaseModel):
             if top is not None and inner is not None and str(top) != str(inner):
                 raise ConfigError(
                     "fsdp_version",
-                    f"{top!r} conflicts with fsdp_config.fsdp_version {inner!r}",
+                    f"{shown(top)} conflicts with fsdp_config.fsdp_version {shown(inner)}",
                     "set the FSDP version in one place",
                 )
             version = top if top is not None else inner
@@ -244,7 +275,7 @@ class TrainingConfig(BaseModel):
             if cp is not None and _lax_int(cp) != _lax_int(sp):
                 raise ConfigError(
                     "sequence_parallel_degree",
-                    f"{sp!r} conflicts with context_parallel_size {cp!r}",
+                    f"{shown(sp)} conflicts with context_parallel_size {shown(cp)}",
                     "sequence_parallel_degree is the deprecated name of context_parallel_size; keep one",
                 )
             data["context_parallel_size"] = sp
@@ -291,6 +322,14 @@ class TrainingConfig(BaseModel):
 
     @model_validator(mode="after")
     def _axolotl_rules(self) -> TrainingConfig:
+        optimizer = self.extra("optimizer")
+        if optimizer is not None and not isinstance(optimizer, str):
+            # Axolotl's schema takes a name; the rules below compare it with names.
+            raise ConfigError(
+                "optimizer",
+                f"must be an optimizer name, got a {type(optimizer).__name__}",
+                "e.g. optimizer: adamw_torch_fused",
+            )
         _check_rules(self)
         return self
 
@@ -486,9 +525,21 @@ def parse_config(
     *,
     base_dirs: tuple[Path, ...] = (),
 ) -> TrainingConfig:
-    """Validate an already-parsed config mapping; relative DeepSpeed paths resolve in ``base_dirs``."""
+    """Validate an already-parsed config mapping; relative DeepSpeed paths resolve in ``base_dirs``.
+
+    The mapping is held to the bounds of :mod:`optimenv.limits` first (values, text, depth,
+    64-bit integers), as a YAML file is.
+    """
     if not isinstance(data, dict):
         raise ConfigError("config", f"top level must be a mapping, got {type(data).__name__}")
+    limits.check_data(data)
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(
+                "config",
+                f"the key {shown(key)} is not a string",
+                "YAML reads unquoted true, null, numbers and dates as other types: quote the key",
+            )
     try:
         return TrainingConfig.model_validate(data, context={"base_dirs": base_dirs})
     except ValidationError as exc:
@@ -503,75 +554,184 @@ def load_config(
 ) -> TrainingConfig:
     """Read and validate a YAML config from ``source`` (a path), or from ``text`` when given.
 
-    Relative DeepSpeed paths resolve against the config's folder, then the working directory.
+    Only a regular file of at most ``MAX_CONFIG_BYTES`` is read. Relative DeepSpeed paths resolve
+    against the config's folder, then the working directory.
     """
     if text is None:
         path = Path(source)
         try:
-            size = path.stat().st_size
-            if size > MAX_CONFIG_BYTES:
-                raise ConfigError("config", f"{path} is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+            raw = limits.read_file(str(path), MAX_CONFIG_BYTES)
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            hint = "give a regular file, or - to read standard input" if _is_special(exc) else None
+            raise ConfigError("config", f"cannot read {shown(str(path))}: {_reason(exc)}", hint) from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise ConfigError("config", f"{path} is not UTF-8 text") from None
+            raise ConfigError("config", f"{shown(str(path))} is not UTF-8 text") from None
         dirs: tuple[Path, ...] = (path.resolve().parent, Path.cwd())
     else:
-        if len(text.encode("utf-8")) > MAX_CONFIG_BYTES:
-            raise ConfigError("config", f"input is larger than the limit of {MAX_CONFIG_BYTES} bytes")
         dirs = (Path.cwd(),)
     data = parse_yaml(text)
     return parse_config(data, base_dirs=base_dirs if base_dirs is not None else dirs)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def _reason(exc: OSError | ValueError) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+
+
+def _is_special(exc: OSError | ValueError) -> bool:
+    return isinstance(exc, OSError) and "not a regular file" in (exc.strerror or "")
+
+
 def parse_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with one-line errors."""
+    """One YAML document, loaded within the bounds of :mod:`optimenv.limits`, with one-line errors.
+
+    The bounds on values, text and depth are counted while the document is composed, aliases
+    included, so a few kilobytes that expand to gigabytes are refused before anything is built.
+    """
+    if not isinstance(text, str):
+        raise ConfigError("config", f"must be YAML text, got {type(text).__name__}")
+    if limits.text_bytes(text) > MAX_CONFIG_BYTES:
+        raise ConfigError("config", f"is larger than the limit of {MAX_CONFIG_BYTES:,} bytes")
+    loader = _BoundedLoader(text)
     try:
-        data = yaml.safe_load(text)
+        data = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
         raise ConfigError("config", f"not valid YAML{where}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError("config", f"not valid YAML: {exc}") from None
-    except RecursionError:
-        raise ConfigError("config", "YAML nesting is too deep") from None
+    finally:
+        loader.dispose()
     if data is None:
         raise ConfigError("config", "is empty")
-    _check_size(data)
+    limits.check_data(data)
     return data
 
 
-MAX_CONFIG_VALUES = 100_000
+class _BoundedLoader(_Parser, Composer, SafeConstructor, Resolver):
+    """PyYAML's safe loader that counts every node as it composes it (see :func:`parse_yaml`).
 
+    An alias adds what its anchor holds, so the totals are those of the expanded document; a
+    ``ConfigError`` names the field where a bound is crossed. Long integers are refused before
+    ``int()`` sees them (its cost grows with the square of the digits, and 4300 is its limit).
+    """
 
-def _check_size(data: Any) -> None:
-    """Refuse YAML whose aliases expand to a huge document ("billion laughs"): a few hundred
-    bytes can name 10^9 values, which every later walk (validation, hashing) would visit."""
-    seen = 0
-    stack = [data]
-    while stack:
-        item = stack.pop()
-        seen += 1
-        if seen > MAX_CONFIG_VALUES:
+    def __init__(self, stream: str) -> None:
+        _Parser.__init__(self, stream)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+        self._values = 0
+        self._text = 0
+        self._path: list[Any] = []
+        self._sizes: dict[Node, tuple[int, int]] = {}  # anchored node -> (values, text) it expands to
+
+    # libyaml's parser composes too; Composer's methods must run so that compose_node is ours.
+    get_single_node = Composer.get_single_node
+    check_node = Composer.check_node
+    get_node = Composer.get_node
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        event = self.peek_event()
+        if isinstance(event, AliasEvent):
+            return self._compose_alias(event, parent, index)
+        if len(self._path) >= MAX_DEPTH:
+            raise limits.too_deep(self._field(index))
+        self._path.append(index)
+        before = (self._values, self._text)
+        node = super().compose_node(parent, index)
+        self._path.pop()
+        if node is not None and getattr(event, "anchor", None) is not None:
+            self._sizes[node] = (self._values - before[0], self._text - before[1])
+        return node
+
+    def _compose_alias(self, event: AliasEvent, parent: Node | None, index: Any) -> Node | None:
+        """The anchored node, charged with everything it holds (PyYAML refuses an unknown alias)."""
+        node = super().compose_node(parent, index)
+        size = self._sizes.get(node) if node is not None else None
+        anchor = limits.key_text(event.anchor)
+        if size is None:
             raise ConfigError(
-                "config",
-                f"expands to more than {MAX_CONFIG_VALUES} values",
-                "YAML aliases that repeat large sections are not supported; write the values out",
+                self._field(index),
+                f"the alias *{anchor} refers to a node that holds it",
+                "a recursive structure cannot be a config: write the values out",
             )
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
+        line = event.start_mark.line + 1 if event.start_mark else "?"
+        values, text = size
+        self._charge(
+            values,
+            text,
+            f"the alias *{anchor} at line {line} repeats {_count(values, 'value')} and "
+            f"{_count(text, 'byte')} of text",
+        )
+        return node
+
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError):
+            # PyYAML's constructors trust the tag: "!!int x" ends in int("x"), "!!bool x" in a KeyError.
+            mark = node.start_mark
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            tag = "!!" + str(node.tag).rsplit(":", 1)[-1]
+            value = node.value if isinstance(node, ScalarNode) else type(node).__name__
+            raise ConfigError(
+                "config", f"not valid YAML{where}: {shown(value)} is not a valid {tag}"
+            ) from None
+
+    def compose_scalar_node(self, anchor: Any) -> ScalarNode:
+        node: ScalarNode = super().compose_scalar_node(anchor)
+        value = node.value
+        self._charge(1, limits.text_bytes(value))
+        if node.tag == "tag:yaml.org,2002:int" and len(value) - value.count("_") > MAX_INT_CHARS:
+            raise limits.int_refusal(self._field(None), limits.OversizedInt(len(value)))
+        return node
+
+    def compose_sequence_node(self, anchor: Any) -> SequenceNode:
+        self._charge(1, 0)
+        node: SequenceNode = super().compose_sequence_node(anchor)
+        return node
+
+    def compose_mapping_node(self, anchor: Any) -> MappingNode:
+        self._charge(1, 0)
+        node: MappingNode = super().compose_mapping_node(anchor)
+        return node
+
+    def _charge(self, values: int, text: int, alias: str | None = None) -> None:
+        self._values += values
+        self._text += text
+        if self._values > MAX_VALUES:
+            raise limits.too_many_values("config", alias)
+        if self._text > limits.MAX_TEXT_BYTES:
+            raise limits.too_much_text("config", alias)
+
+    def _field(self, index: Any) -> str:
+        """The dotted path of the node being composed (its parent's keys and indexes, then ``index``)."""
+        parts = [p for p in (*self._path, index) if p is not None]
+        out = ""
+        for part in parts:
+            if isinstance(part, int):
+                out += f"[{part}]"
+            else:
+                key = limits.key_text(part.value) if isinstance(part, ScalarNode) else "<key>"
+                out += f".{key}" if out else key
+        return out or "config"
 
 
 def _from_pydantic(exc: ValidationError) -> ConfigError:
     errors = exc.errors(include_url=False)
     first = errors[0]
-    loc = [str(p) for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+    loc = [
+        limits.key_text(p) if isinstance(p, str) else str(p)
+        for p in first["loc"]
+        if not (isinstance(p, str) and p.startswith("function-"))
+    ]
     # Drop union branch labels such as "literal['auto']" / "bool" that pydantic adds to loc.
     loc = [
         p
@@ -585,15 +745,12 @@ def _from_pydantic(exc: ValidationError) -> ConfigError:
         name = loc[-1] if loc else ""
         return ConfigError(field, "unknown key", _did_you_mean(name, _FSDP_KEYS))
     if "input" in first and first["type"] not in ("value_error", "assertion_error", "missing"):
-        shown = repr(first["input"])
-        if len(shown) > 60:
-            shown = shown[:57] + "..."
-        msg = f"{msg} (got {shown})"
+        msg = f"{msg} (got {shown(first['input'])})"
     same_field = [e for e in errors if _field_of(e) == field]
     if len(same_field) > 1:
         # A union such as bf16: "auto" | bool failed on every branch: say what each accepts.
         allowed = " or ".join(dict.fromkeys(_expected(e) for e in same_field))
-        msg = f"must be {allowed} (got {first['input']!r})"
+        msg = f"must be {allowed} (got {shown(first['input'])})"
     more = len({_field_of(e) for e in errors}) - 1
     if more > 0:
         msg = f"{msg}; {more} more error(s)"

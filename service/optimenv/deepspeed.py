@@ -9,12 +9,13 @@ number, because Accelerate ignores ``ACCELERATE_DEEPSPEED_ZERO_STAGE`` when the 
 from __future__ import annotations
 
 import copy
-import json
+import errno
 import math
 from pathlib import Path
 from typing import Any
 
-from optimenv.errors import ConfigError
+from optimenv import limits
+from optimenv.errors import ConfigError, shown
 
 _AUTO_BATCH: dict[str, Any] = {
     "train_batch_size": "auto",
@@ -90,15 +91,15 @@ def check_json(value: Any, field: str = "deepspeed") -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise ConfigError(field, f"keys must be strings, got {key!r}", "quote the key")
-            check_json(item, f"{field}.{key}")
+                raise ConfigError(field, f"keys must be strings, got {shown(key)}", "quote the key")
+            check_json(item, f"{field}.{limits.key_text(key)}")
     elif isinstance(value, list):
         for index, item in enumerate(value):
             check_json(item, f"{field}[{index}]")
     elif isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(field, f"{value!r} is not a JSON number", "use a finite number")
+        raise ConfigError(field, f"{shown(value)} is not a JSON number", "use a finite number")
     elif not (value is None or isinstance(value, str | int | float)):
-        raise ConfigError(field, f"{type(value).__name__} {value!r} is not a JSON value", "quote it")
+        raise ConfigError(field, f"{type(value).__name__} {shown(value)} is not a JSON value", "quote it")
 
 
 def json_copy(value: Any) -> Any:
@@ -113,31 +114,53 @@ def json_copy(value: Any) -> Any:
 def load_file(
     value: str, base_dirs: tuple[Path, ...], field: str = "deepspeed"
 ) -> tuple[Path, dict[str, Any]]:
-    """Find ``value`` (absolute, or relative to each of ``base_dirs`` in turn) and parse it."""
+    """Find ``value`` (absolute, or relative to each of ``base_dirs`` in turn) and parse it.
+
+    Only a regular file of at most ``MAX_JSON_FILE_BYTES`` holding a DeepSpeed config (a JSON object
+    with ``zero_optimization``, which Accelerate requires) is accepted: its content is copied into
+    the worker spec and the DeepSpeed ConfigMap as it is.
+    """
     candidate = Path(value)
     tried = [candidate] if candidate.is_absolute() else [d / candidate for d in base_dirs]
     for path in tried:
         try:
-            found = path.is_file()
-        except OSError:  # e.g. a name longer than the filesystem allows: it names no file
-            found = False
-        if found:
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ConfigError(field, f"DeepSpeed file {str(path)!r} is not valid JSON: {exc}") from None
-            if isinstance(data, dict):
-                check_json(data, field)
-            if not isinstance(data, dict):
-                raise ConfigError(field, f"DeepSpeed file {str(path)!r} must hold a JSON object")
-            return path, data
-    where = ", ".join(str(p.parent) for p in tried) or "."
+            raw = limits.read_file(str(path), limits.MAX_JSON_FILE_BYTES)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+            if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+                continue  # a name longer than the filesystem allows names no file
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            raise ConfigError(field, f"cannot read the DeepSpeed file {shown(str(path))}: {reason}") from None
+        return path, _parse_file(path, raw, field)
+    where = ", ".join(shown(str(p.parent)) for p in tried[:3]) or "."
     names = ", ".join(sorted(PRESETS))
     raise ConfigError(
         field,
-        f"DeepSpeed file {value!r} not found (looked in {where})",
+        f"DeepSpeed file {shown(value)} not found (looked in {where})",
         f"give an existing path, a preset name ({names}) or an inline mapping",
     )
+
+
+def _parse_file(path: Path, raw: bytes, field: str) -> dict[str, Any]:
+    name = shown(str(path))
+    try:
+        data = limits.load_json(raw.decode("utf-8"), field)
+    except UnicodeDecodeError:
+        raise ConfigError(field, f"DeepSpeed file {name} is not UTF-8 text") from None
+    except ValueError as exc:
+        raise ConfigError(field, f"DeepSpeed file {name} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(field, f"DeepSpeed file {name} must hold a JSON object")
+    check_json(data, field)
+    if not isinstance(data.get("zero_optimization"), dict):
+        raise ConfigError(
+            field,
+            f"DeepSpeed file {name} has no zero_optimization mapping, so it is not a DeepSpeed config "
+            "(Accelerate refuses one without it)",
+            'name a DeepSpeed JSON, e.g. {"zero_optimization": {"stage": 2}}, or a preset',
+        )
+    return data
 
 
 def zero_stage(ds: dict[str, Any], field: str = "deepspeed") -> int | None:
@@ -156,11 +179,11 @@ def zero_stage(ds: dict[str, Any], field: str = "deepspeed") -> int | None:
     if stage is None:
         return None
     if isinstance(stage, bool):
-        raise ConfigError(f"{field}.zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
-    if isinstance(stage, str) and stage.strip().isascii() and stage.strip().isdecimal():
+        raise ConfigError(f"{field}.zero_optimization.stage", f"must be 0, 1, 2 or 3, got {shown(stage)}")
+    if isinstance(stage, str) and len(stage) <= 20 and stage.strip().isascii() and stage.strip().isdecimal():
         stage = int(stage.strip())
     if not isinstance(stage, int) or stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{field}.zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
+        raise ConfigError(f"{field}.zero_optimization.stage", f"must be 0, 1, 2 or 3, got {shown(stage)}")
     return stage
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from optimenv import deepspeed as ds
-from optimenv.errors import ConfigError
+from optimenv.errors import ConfigError, shown
 from optimenv.spec import DeferredKind
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ SINGLE_GPU_DEFAULTS = {
 }
 
 
-_TORCH_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?([.+a-zA-Z0-9]*)$")
+_TORCH_VERSION = re.compile(r"\d+\.\d+(\.\d+)?([.+a-zA-Z0-9]*)")  # fullmatch: "$" accepts "\n"
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,10 @@ class Hardware:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"hardware.{name}", f"must be a whole number >= 1, got {value!r}")
         version = self.torch_version
-        if version is not None and not _TORCH_VERSION.match(version):
+        if version is not None and not _TORCH_VERSION.fullmatch(version):
             # An unparsable version would compare below every minimum and silently drop settings.
             raise ConfigError(
-                "hardware.torch_version", f"must look like 2.6.0 (major.minor[.patch]), got {version!r}"
+                "hardware.torch_version", f"must look like 2.6.0 (major.minor[.patch]), got {shown(version)}"
             )
 
     @property

@@ -10,7 +10,8 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from optimenv.errors import OptimEnvError
+from optimenv.errors import OptimEnvError, shown
+from optimenv.limits import check_data
 
 if TYPE_CHECKING:  # the bootstrap reads specs without importing the planner (pydantic, yaml)
     from optimenv.plan import Plan
@@ -55,7 +56,7 @@ def deepspeed_text(deepspeed: dict[str, Any]) -> str:
 def build_spec(plan: Plan, *, policy: Policy = "plan-wins") -> dict[str, Any]:
     """The spec document for ``plan``; ``policy`` says who wins when a variable is already set."""
     if policy not in POLICIES:
-        raise SpecError(f"policy: must be one of {', '.join(POLICIES)}, got {policy!r}")
+        raise SpecError(f"policy: must be one of {', '.join(POLICIES)}, got {shown(policy)}")
     body: dict[str, Any] = {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -80,16 +81,23 @@ def verify_spec(data: Any) -> dict[str, Any]:
     """Check kind, version and content hash; returns the spec or raises :class:`SpecError`."""
     if not isinstance(data, dict):
         raise SpecError("spec: must be a JSON object")
+    try:
+        check_data(data, "spec")
+    except OptimEnvError as exc:
+        raise SpecError(str(exc)) from None
     if data.get("apiVersion") != API_VERSION or data.get("kind") != KIND:
         raise SpecError(
             f"spec: expected apiVersion {API_VERSION} kind {KIND}, "
-            f"got {data.get('apiVersion')!r} {data.get('kind')!r}"
+            f"got {shown(data.get('apiVersion'))} {shown(data.get('kind'))}"
         )
     body = {k: v for k, v in data.items() if k != "hash"}
-    expected = content_hash(body)
+    try:
+        expected = content_hash(body)
+    except (TypeError, ValueError) as exc:  # a mapping passed in by a caller, not parsed JSON
+        raise SpecError(f"spec: not JSON data ({shown(str(exc))})") from None
     if data.get("hash") != expected:
         raise SpecError(
-            f"spec: content hash mismatch (file says {data.get('hash')!r}, content is {expected}); "
+            f"spec: content hash mismatch (file says {shown(data.get('hash'))}, content is {expected}); "
             "the spec was edited or truncated: render it again with optimenv"
         )
     if data.get("policy") not in POLICIES:

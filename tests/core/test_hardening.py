@@ -36,8 +36,9 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
-        f"error: config: expands to more than {MAX_CONFIG_VALUES} values (YAML aliases that repeat "
-        "large sections are not supported; write the values out)"
+        f"error: config: expands to more than {MAX_CONFIG_VALUES:,} values (the alias *d at line 6 "
+        "repeats 11,111 values and 10,000 bytes of text; YAML aliases that repeat large sections are "
+        "not supported: write the values out)"
     )
 
 

@@ -182,6 +182,8 @@ def test_rejects_configmaps(validator: Validator, jobs: dict[str, list[dict[str,
         (lambda o: o["data"].update({"a b": "1"}), "not a valid ConfigMap key"),
         (lambda o: o["data"].update(big="x" * (1024 * 1024)), "over the 1 MiB ConfigMap limit"),
         (lambda o: o["metadata"].update(name="Ft-env"), "not a DNS-1123 subdomain"),
+        (lambda o: o["metadata"].update(name="ft-env\n"), "not a DNS-1123 subdomain"),  # "$" took it
+        (lambda o: o["metadata"]["labels"].update(team="nlp\n"), "label"),
     ]:
         bad = copy.deepcopy(cm)
         mutate(bad)

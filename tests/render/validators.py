@@ -86,11 +86,11 @@ def _has(value: Any, key: str) -> bool:
 
 CEL_RULES: dict[str, Callable[[Any], bool]] = {
     "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')": lambda s: bool(
-        DNS1035_LABEL.match(s["metadata"]["name"])
+        DNS1035_LABEL.fullmatch(s["metadata"]["name"])
     ),
     "size(self.metadata.name) <= 63": lambda s: len(s["metadata"]["name"]) <= 63,
     "self == '' || self.matches('^[A-Za-z][A-Za-z0-9+.-]*://.+$')": lambda s: (
-        s == "" or bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://.+$", s))
+        s == "" or bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://.+", s))
     ),
     "self in ['trainer.kubeflow.org/trainjob-controller', 'kueue.x-k8s.io/multikueue']": lambda s: (
         s in ("trainer.kubeflow.org/trainjob-controller", "kueue.x-k8s.io/multikueue")
@@ -197,7 +197,7 @@ class Validator:
         if obj.get("kind") == "ConfigMap":
             data = obj.get("data", {})
             for key in data:
-                if not CONFIGMAP_KEY.match(key) or len(key) > 253:
+                if not CONFIGMAP_KEY.fullmatch(key) or len(key) > 253:
                     raise ManifestError(f"data key {key!r} is not a valid ConfigMap key")
             size = sum(len(v.encode("utf-8")) for v in data.values())
             if size > MAX_CONFIGMAP_BYTES:
@@ -229,20 +229,20 @@ class Validator:
             raise ManifestError(f"metadata has unknown fields {sorted(unknown)}")
         if top:
             name = meta.get("name")
-            if not isinstance(name, str) or len(name) > 253 or not DNS1123_SUBDOMAIN.match(name):
+            if not isinstance(name, str) or len(name) > 253 or not DNS1123_SUBDOMAIN.fullmatch(name):
                 raise ManifestError(f"metadata.name {name!r} is not a DNS-1123 subdomain")
             ns = meta.get("namespace")
-            if ns is not None and (len(ns) > 63 or not DNS1123_LABEL.match(ns)):
+            if ns is not None and (len(ns) > 63 or not DNS1123_LABEL.fullmatch(ns)):
                 raise ManifestError(f"metadata.namespace {ns!r} is not a DNS-1123 label")
         for key, value in meta.get("labels", {}).items():
             prefix, _, label = key.rpartition("/")
             if (
-                (prefix and (len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix)))
+                (prefix and (len(prefix) > 253 or not DNS1123_SUBDOMAIN.fullmatch(prefix)))
                 or len(label) > 63
-                or not LABEL_NAME.match(label)
+                or not LABEL_NAME.fullmatch(label)
             ):
                 raise ManifestError(f"label key {key!r} is invalid")
-            if not isinstance(value, str) or len(value) > 63 or not LABEL_VALUE.match(value):
+            if not isinstance(value, str) or len(value) > 63 or not LABEL_VALUE.fullmatch(value):
                 raise ManifestError(f"label {key}={value!r}: invalid value")
         annotations = meta.get("annotations", {})
         if sum(len(k) + len(v) for k, v in annotations.items()) > MAX_ANNOTATIONS_BYTES:
@@ -257,13 +257,13 @@ class Validator:
             raise ManifestError(f"{where}: {exc}") from None
         for container in template["spec"].get("containers", []):
             for env in container.get("env", []):
-                if not ENV_NAME.match(env["name"]):
+                if not ENV_NAME.fullmatch(env["name"]):
                     raise ManifestError(f"{where}: env name {env['name']!r} is invalid")
 
     # ---- operator rules (webhooks / controllers, not in the CRDs) -----------------------------
     def _rayjob(self, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
-        if len(name) > 47 or not DNS1035_LABEL.match(name):
+        if len(name) > 47 or not DNS1035_LABEL.fullmatch(name):
             raise ManifestError("KubeRay: a RayJob name must be a DNS-1035 label of at most 47 characters")
         cluster = obj["spec"]["rayClusterSpec"]
         groups = [("head", cluster["headGroupSpec"])] + [
@@ -284,7 +284,7 @@ class Validator:
 
     def _pytorchjob(self, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
-        if not DNS1035_LABEL.match(name):
+        if not DNS1035_LABEL.fullmatch(name):
             raise ManifestError("PyTorchJob webhook: the name must be a DNS-1035 label")
         specs = obj["spec"]["pytorchReplicaSpecs"]
         if set(specs) - {"Master", "Worker"}:
@@ -328,7 +328,7 @@ class Validator:
                 raise ManifestError(f"JobSet: pod name {pod!r} would exceed 63 characters")
         for patch in spec.get("runtimePatches", []):
             prefix, slash, _ = patch["manager"].partition("/")
-            if not slash or not DNS1123_SUBDOMAIN.match(prefix) or "." not in prefix:
+            if not slash or not DNS1123_SUBDOMAIN.fullmatch(prefix) or "." not in prefix:
                 raise ManifestError(
                     f"Trainer: runtimePatches manager {patch['manager']!r} must be domain-prefixed"
                 )

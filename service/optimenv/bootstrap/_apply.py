@@ -13,8 +13,9 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal, NamedTuple
 
+from optimenv import limits
 from optimenv.bootstrap import _probe
-from optimenv.errors import OptimEnvError
+from optimenv.errors import OptimEnvError, shown
 from optimenv.spec import DEFERRED_KINDS, SPEC_ENV, SPEC_PATH, SpecError, verify_spec
 
 #: Set by the launcher (torchrun, the operators, Ray Train): the bootstrap never writes these,
@@ -190,7 +191,8 @@ def load_spec(spec: SpecArg, environ: Mapping[str, str]) -> tuple[dict[str, Any]
         error=SpecError,
         label="spec",
         where=f" (from {origin})",
-        missing=f"spec: no worker spec at {path} (from {origin}); pass --spec PATH, set {SPEC_ENV}, "
+        missing=f"spec: no worker spec at {limits.key_text(path, 200)} (from {origin}); pass --spec PATH, "
+        f"set {SPEC_ENV}, "
         f"or mount the spec ConfigMap rendered by optimenv at {SPEC_PATH}",
         fix="render it again with optimenv",
     )
@@ -198,22 +200,23 @@ def load_spec(spec: SpecArg, environ: Mapping[str, str]) -> tuple[dict[str, Any]
 
 
 def _read_json(path: str, *, error: type[Exception], label: str, where: str, missing: str, fix: str) -> Any:
-    """Parse the JSON file at ``path``; every way it can fail is one line of ``error``."""
+    """Parse the JSON file at ``path`` within the bounds; every way it can fail is one line of ``error``."""
+    name = limits.key_text(path, 200)
     try:
-        with open(path, encoding="utf-8") as handle:  # not pathlib: it costs the exec path an import
-            text = handle.read()
+        raw = limits.read_file(path, limits.MAX_JSON_FILE_BYTES)
     except FileNotFoundError:
         raise error(missing) from None
-    except OSError as exc:
-        raise error(f"{label}: cannot read {path}{where}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise error(f"{label}: {path}{where} is not UTF-8 text; {fix}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+        raise error(f"{label}: cannot read {name}{where}: {reason}; {fix}") from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise error(
-            f"{label}: {path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); {fix}"
-        ) from None
+        return limits.load_json(raw.decode("utf-8"), label)
+    except UnicodeDecodeError:
+        raise error(f"{label}: {name}{where} is not UTF-8 text; {fix}") from None
+    except ValueError as exc:
+        raise error(f"{label}: {name} is not valid JSON ({limits.json_problem(exc)}); {fix}") from None
+    except OptimEnvError as exc:  # beyond a bound: nesting, integers, size
+        raise error(f"{exc}; {fix}") from None
 
 
 def apply_spec(
@@ -255,16 +258,16 @@ def apply_spec(
         try:
             decision, more = _decide(step, environ, ds_path=ds_path, in_process=in_process)
         except KeyError as exc:
-            raise SpecError(f"spec.deferred[{i}].detail: {step['kind']} needs {exc.args[0]!r}") from None
+            raise SpecError(f"spec.deferred[{i}].detail: {step['kind']} needs {shown(exc.args[0])}") from None
         if step["kind"] == "deepspeed_zero3_config" and in_process and ds_path is not None:
             zero3 = _zero3_config(ds_path)
         decisions.append(decision)
         wants += more
 
+    _check_wants(wants)
     assigned, kept = _resolve(wants, environ, policy=str(doc["policy"]))
     _refuse_unusable_tensor_parallel(assigned, environ)
-    for var in assigned:
-        environ[var.name] = var.value
+    _write(assigned, environ)
     if zero3 is not None:
         _KEEP_ALIVE.append(zero3)
     result = Applied(
@@ -282,6 +285,36 @@ def apply_spec(
     return result
 
 
+def _check_wants(wants: list[_Want]) -> None:
+    """Every variable, the deferred steps' included, is writable and planned once."""
+    seen: set[str] = set()
+    for want in wants:
+        _check_variable(f"spec ({limits.key_text(want.source)})", want.name, want.value)
+        if want.name in seen:
+            raise SpecError(
+                f"spec: {limits.key_text(want.name)} is planned twice ({limits.key_text(want.source)}), "
+                "so which value wins is undefined; render the spec again with optimenv"
+            )
+        seen.add(want.name)
+
+
+def _write(assigned: list[Variable], environ: MutableMapping[str, str]) -> None:
+    """Write every variable or none: a write that fails undoes the ones before it."""
+    done: list[str] = []
+    try:
+        for var in assigned:
+            environ[var.name] = var.value
+            done.append(var.name)
+    except BaseException as exc:
+        for name in done:
+            environ.pop(name, None)  # assigned only where nothing was set, so removing restores
+        if isinstance(exc, OSError | ValueError):
+            raise BootstrapError(
+                f"environment: cannot set {limits.key_text(var.name)} ({shown(str(exc))}); nothing was set"
+            ) from None
+        raise
+
+
 def _parse(doc: Mapping[str, Any]) -> tuple[list[_Want], list[dict[str, Any]]]:
     wants: list[_Want] = []
     env = doc.get("env")
@@ -294,10 +327,16 @@ def _parse(doc: Mapping[str, Any]) -> tuple[list[_Want], list[dict[str, Any]]]:
         if not ok or entry["mode"] not in ("set", "default"):
             raise SpecError(f"spec.env[{i}]: must be {{name, value, source, mode: set|default}} strings")
         name = entry["name"]
+        _check_variable(f"spec.env[{i}]", name, entry["value"])
         if name in RENDEZVOUS or name.startswith("PET_"):
             raise SpecError(
-                f"spec.env[{i}]: {name} is a rendezvous variable that only the launcher sets; "
-                "remove it from the spec"
+                f"spec.env[{i}]: {limits.key_text(name)} is a rendezvous variable that only the launcher "
+                "sets; remove it from the spec"
+            )
+        if any(w.name == name for w in wants):
+            raise SpecError(
+                f"spec.env[{i}]: {limits.key_text(name)} is listed twice, so which value wins is undefined; "
+                "render the spec again with optimenv"
             )
         wants.append(_Want(name, entry["value"], entry["source"], entry["mode"]))
     deferred = doc.get("deferred")
@@ -306,12 +345,30 @@ def _parse(doc: Mapping[str, Any]) -> tuple[list[_Want], list[dict[str, Any]]]:
     for i, step in enumerate(deferred):
         if not isinstance(step, dict) or not isinstance(step.get("detail"), dict):
             raise SpecError(f"spec.deferred[{i}]: must be {{kind, variable, source, detail}}")
+        variable = step.get("variable")
+        if variable is not None:
+            _check_variable(f"spec.deferred[{i}].variable", variable if isinstance(variable, str) else "", "")
         if step.get("kind") not in DEFERRED_KINDS:
             raise SpecError(
-                f"spec.deferred[{i}].kind: {step.get('kind')!r} is unknown to this bootstrap; "
+                f"spec.deferred[{i}].kind: {shown(step.get('kind'))} is unknown to this bootstrap; "
                 "install the optimenv version that rendered the spec in the worker image"
             )
     return wants, deferred
+
+
+def _check_variable(where: str, name: str, value: str) -> None:
+    """What ``os.environ`` could not hold, or a shell could not name, is refused before any write."""
+    if not (name.isascii() and (name[:1].isalpha() or name[:1] == "_") and name.replace("_", "a").isalnum()):
+        raise SpecError(
+            f"{where}: {shown(name)} is not an environment variable name (letters, digits and _, "
+            "not starting with a digit); render the spec again with optimenv"
+        )
+    if "\0" in value:
+        raise SpecError(
+            f"{where}: the value of {limits.key_text(name)} contains a NUL character, which no "
+            "environment can hold; "
+            "render the spec again with optimenv"
+        )
 
 
 def _refuse_if_accelerate_started() -> None:
@@ -387,14 +444,19 @@ def _check_deepspeed(doc: Mapping[str, Any], override: str | None) -> str | None
 def _first_difference(have: Any, want: Any, at: str) -> str:
     if isinstance(have, dict) and isinstance(want, dict):
         for key in sorted(set(have) | set(want), key=str):
-            sub = f"{at}.{key}" if at else str(key)
+            sub = f"{at}.{limits.key_text(key)}" if at else limits.key_text(key)
             if key not in have:
-                return f"{sub} (missing in the file, the plan has {json.dumps(want[key])})"
+                return f"{sub} (missing in the file, the plan has {_json_text(want[key])})"
             if key not in want:
-                return f"{sub} (in the file only: {json.dumps(have[key])})"
+                return f"{sub} (in the file only: {_json_text(have[key])})"
             if have[key] != want[key]:
                 return _first_difference(have[key], want[key], sub)
-    return f"{at or '<top level>'} (file has {json.dumps(have)}, the plan has {json.dumps(want)})"
+    return f"{at or '<top level>'} (file has {_json_text(have)}, the plan has {_json_text(want)})"
+
+
+def _json_text(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _decide(
@@ -422,7 +484,7 @@ def _decide(
         required = detail.get("deepspeed_requires")
         if required and value != required:
             raise BootstrapError(
-                f"bf16: auto resolves to {value!r} on this worker ({why}), but the DeepSpeed JSON "
+                f"bf16: auto resolves to {shown(value)} on this worker ({why}), but the DeepSpeed JSON "
                 f'sets {required}.enabled: true; set it to "auto" in the JSON, or run on GPUs that '
                 f"support {required}"
             )
@@ -509,7 +571,8 @@ def _resolve(
             kept.append(Variable(w.name, current, w.value, "environment", "policy user-wins"))
         else:
             conflicts.append(
-                f"{w.name}={current!r} from the environment, the plan sets {w.value!r} from {w.source}"
+                f"{limits.key_text(w.name)}={shown(current)} from the environment, the plan sets "
+                f"{shown(w.value)} from {limits.key_text(w.source)}"
             )
     if conflicts:
         raise BootstrapError(

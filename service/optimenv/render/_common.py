@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from optimenv.errors import ConfigError, OptimEnvError
+from optimenv.errors import ConfigError, OptimEnvError, shown
+from optimenv.limits import key_text
 from optimenv.plan import Plan, check_world_size
 from optimenv.spec import (
     POLICIES,
@@ -47,12 +48,13 @@ RENDEZVOUS = frozenset(
 )
 RESERVED_PREFIXES = ("PET_", "OMPI_", "TORCHELASTIC_")
 
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-_CONFIGMAP_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+# Matched with fullmatch: "$" would also accept a trailing newline ("ft\n").
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+_CONFIGMAP_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 
 
 def _frozen_map(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -104,18 +106,22 @@ class JobOptions:
             _positive("ray_workers", self.ray_workers)
         if self.spec_policy not in POLICIES:
             raise ConfigError(
-                "spec_policy", f"must be one of {', '.join(POLICIES)}, got {self.spec_policy!r}"
+                "spec_policy", f"must be one of {', '.join(POLICIES)}, got {shown(self.spec_policy)}"
             )
         if not isinstance(self.namespace, str) or not _is_label(self.namespace, _DNS1123_LABEL):
             raise ConfigError(
                 "namespace",
-                f"{self.namespace!r} is not a DNS-1123 label",
+                f"{shown(self.namespace)} is not a DNS-1123 label",
                 "lowercase letters, digits and '-', at most 63 characters",
             )
-        if self.image is not None and (not self.image or self.image != self.image.strip()):
-            raise ConfigError("image", f"{self.image!r} is not an image reference")
+        if self.image is not None and (
+            not isinstance(self.image, str)
+            or not self.image
+            or any(ch.isspace() or not ch.isprintable() for ch in self.image)
+        ):
+            raise ConfigError("image", f"{shown(self.image)} is not an image reference")
         if self.service_account is not None and not _is_subdomain(self.service_account):
-            raise ConfigError("service_account", f"{self.service_account!r} is not a DNS-1123 subdomain")
+            raise ConfigError("service_account", f"{shown(self.service_account)} is not a DNS-1123 subdomain")
         if not all(isinstance(arg, str) for arg in self.command):
             raise ConfigError("command", "every argument must be a string")
         for key, value in self.node_selector.items():
@@ -123,7 +129,7 @@ class JobOptions:
         for key, value in self.labels.items():
             _check_label("labels", key, value)
         if self.runtime is not None and not _is_subdomain(self.runtime):
-            raise ConfigError("runtime", f"{self.runtime!r} is not a ClusterTrainingRuntime name")
+            raise ConfigError("runtime", f"{shown(self.runtime)} is not a ClusterTrainingRuntime name")
 
 
 _TOLERATION_KEYS = frozenset({"key", "operator", "value", "effect", "tolerationSeconds"})
@@ -144,28 +150,32 @@ def _toleration(index: int, value: Any) -> Mapping[str, Any]:
 
 def _positive(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, f"must be a whole number >= 1, got {value!r}")
+        raise ConfigError(key, f"must be a whole number >= 1, got {shown(value)}")
 
 
 def _is_label(value: str, pattern: re.Pattern[str]) -> bool:
-    return len(value) <= 63 and bool(pattern.match(value))
+    return len(value) <= 63 and bool(pattern.fullmatch(value))
 
 
 def _is_subdomain(value: str) -> bool:
-    return isinstance(value, str) and len(value) <= 253 and bool(_DNS1123_SUBDOMAIN.match(value))
+    return isinstance(value, str) and len(value) <= 253 and bool(_DNS1123_SUBDOMAIN.fullmatch(value))
 
 
 def _check_label(where: str, key: Any, value: Any) -> None:
     if not isinstance(key, str) or not isinstance(value, str):
-        raise ConfigError(f"{where}", f"keys and values must be strings, got {key!r}: {value!r}")
+        raise ConfigError(f"{where}", f"keys and values must be strings, got {shown(key)}: {shown(value)}")
     prefix, _, name = key.rpartition("/")
-    if (prefix and not _is_subdomain(prefix)) or len(name) > 63 or not _LABEL_NAME.match(name):
+    if (prefix and not _is_subdomain(prefix)) or len(name) > 63 or not _LABEL_NAME.fullmatch(name):
         raise ConfigError(
-            f"{where}.{key}", "is not a valid label key", "[prefix/]name, name at most 63 of [-A-Za-z0-9_.]"
+            f"{where}.{key_text(key)}",
+            "is not a valid label key",
+            "[prefix/]name, name at most 63 of [-A-Za-z0-9_.]",
         )
-    if len(value) > 63 or not _LABEL_VALUE.match(value):
+    if len(value) > 63 or not _LABEL_VALUE.fullmatch(value):
         raise ConfigError(
-            f"{where}.{key}", f"{value!r} is not a valid label value", "at most 63 of [-A-Za-z0-9_.]"
+            f"{where}.{key_text(key)}",
+            f"{shown(value)} is not a valid label value",
+            "at most 63 of [-A-Za-z0-9_.]",
         )
 
 
@@ -180,17 +190,17 @@ def check_name(target: str, options: JobOptions, limit: int, why: str) -> None:
     dns1035 = target != "configmaps"
     pattern = _DNS1035_LABEL if dns1035 else _DNS1123_LABEL
     kind = "DNS-1035" if dns1035 else "DNS-1123"
-    if not isinstance(name, str) or not pattern.match(name):
+    if not isinstance(name, str) or not pattern.fullmatch(name):
         start = "start with a lowercase letter, " if dns1035 else ""
         raise ConfigError(
             "name",
-            f"{name!r} is not a {kind} label",
+            f"{shown(name)} is not a {kind} label",
             f"{start}use lowercase letters, digits and '-', end with a letter or digit",
         )
     if len(name) > limit:
         raise ConfigError(
             "name",
-            f"{name!r} is {len(name)} characters; a {target} name may have at most {limit} ({why})",
+            f"{shown(name)} is {len(name)} characters; a {target} name may have at most {limit} ({why})",
             "choose a shorter --name",
         )
 
@@ -226,8 +236,10 @@ def check_plan_env(plan: Plan) -> None:
                 f"plan: {var.name} is a rendezvous variable the operator or launcher sets; "
                 "it must not be planned"
             )
-        if not _CONFIGMAP_KEY.match(var.name):
-            raise OptimEnvError(f"plan: {var.name!r} cannot be a ConfigMap key or an environment variable")
+        if not _CONFIGMAP_KEY.fullmatch(var.name):
+            raise OptimEnvError(
+                f"plan: {shown(var.name)} cannot be a ConfigMap key or an environment variable"
+            )
 
 
 def check_parallelism(plan: Plan, world: int, what: str) -> None:
@@ -261,7 +273,7 @@ def configmaps(plan: Plan, options: JobOptions) -> ConfigMaps:
         # the memory-backed /dev/shm volume.
         raise ConfigError(
             "deepspeed_path",
-            f"{ds_path!r} collides with the spec file {SPEC_PATH} or /dev/shm",
+            f"{shown(ds_path)} collides with the spec file {SPEC_PATH} or /dev/shm",
             "give a file path such as /etc/optimenv/deepspeed.json",
         )
     objects: list[dict[str, Any]] = []
@@ -378,7 +390,7 @@ def require_command(options: JobOptions, target: str) -> tuple[str, ...]:
     if first in _LAUNCHERS or module.split(".")[0] == "accelerate" or module.startswith("torch.distributed."):
         raise ConfigError(
             "command",
-            f"starts with the launcher {command[0]!r}; optimenv adds the launcher for {target} itself",
+            f"starts with the launcher {shown(command[0])}; optimenv adds the launcher for {target} itself",
             "give the per-process command, e.g. -- python train.py",
         )
     return command

@@ -13,6 +13,7 @@ from yaml.representer import SafeRepresenter
 from optimenv.cli import hardware_from, hardware_options, read_config, spec_policy_option
 from optimenv.config import TrainingConfig
 from optimenv.errors import ConfigError
+from optimenv.limits import json_problem, load_json
 from optimenv.plan import Hardware, Plan, ProcessCountError, plan
 from optimenv.render import TARGETS, JobOptions, render
 
@@ -60,9 +61,9 @@ def _tolerations(values: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
     out = []
     for item in values:
         try:
-            parsed = json.loads(item)
-        except json.JSONDecodeError as exc:
-            raise ConfigError("--toleration", f"not valid JSON: {exc.msg}") from None
+            parsed = load_json(item, "--toleration")  # bounded: depth, 64-bit integers
+        except ValueError as exc:
+            raise ConfigError("--toleration", f"not valid JSON: {json_problem(exc)}") from None
         if not isinstance(parsed, dict):
             raise ConfigError("--toleration", 'must be a JSON object, e.g. {"key":"k","operator":"Exists"}')
         out.append(parsed)
