@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from optimenv._files import write_atomically
-from optimenv.bootstrap._apply import Applied, SpecArg, apply_spec, cpu_variables, load_spec
+from optimenv.bootstrap._apply import Applied, BootstrapError, SpecArg, apply_spec, cpu_variables, load_spec
 from optimenv.bootstrap._script import run_script
 from optimenv.bootstrap._state import accelerate_state
 from optimenv.errors import OptimEnvError
@@ -131,10 +131,16 @@ def prepare_worker(
 
 def _write_local_copy(spec_hash: str, deepspeed: dict[str, Any]) -> str:
     # Named by the spec hash: workers on one node write the same bytes, and a rerun reuses it.
-    folder = Path(tempfile.gettempdir()) / f"optimenv-{spec_hash.removeprefix('sha256:')[:16]}"
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "deepspeed.json"
-    write_atomically(target, deepspeed_text(deepspeed))  # a worker never reads a half-written file
+    try:
+        folder = Path(tempfile.gettempdir()) / f"optimenv-{spec_hash.removeprefix('sha256:')[:16]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / "deepspeed.json"
+        write_atomically(target, deepspeed_text(deepspeed))  # a worker never reads a half-written file
+    except OSError as exc:
+        raise BootstrapError(
+            f"deepspeed: cannot write the DeepSpeed JSON to a local file: {exc.strerror or exc} "
+            f"(point TMPDIR at a writable folder on the workers)"
+        ) from None
     return str(target)
 
 
