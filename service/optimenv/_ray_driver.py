@@ -8,8 +8,9 @@
 * Ctrl-C and SIGTERM stop the run with status 130 or 143, as a shell reports a process killed by
   them, and every process Ray started here is gone within a few seconds. Training is still
   running on a helper thread then, and Ray ends the whole process with status 1 when any thread
-  touches it after ``ray.shutdown()``: so the processes are stopped directly and the command
-  ends without the interpreter's own clean-up (:func:`exits_when_interrupted`).
+  touches it after ``ray.shutdown()`` or when its raylet goes first: so the command ends at once,
+  without the interpreter's own clean-up (:func:`exits_when_interrupted`), and a reaper process
+  stops Ray's processes after it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -132,21 +134,59 @@ def _signals_interrupt() -> Iterator[None]:
 def _stop(ray: Any, *, shutdown: bool) -> None:
     """Stop Ray, then every process it started here that is still alive after a short grace.
 
-    Without ``shutdown`` (interrupted while training runs on another thread), the processes are
-    stopped without telling Ray, which would end this process if that thread touched it afterwards.
+    Without ``shutdown`` (interrupted while training runs on another thread) nothing is stopped
+    from this process: Ray ends it with status 1 when a thread touches Ray after shutdown, or when
+    its raylet goes away first. A reaper process waits for this one to end, then stops them.
     """
     import psutil
 
     # Workers are the raylet's children: list the tree before shutdown reparents them.
     started = psutil.Process().children(recursive=True)
+    if not shutdown:
+        _reap_after_exit(started)
+        return
     with _signals_ignored():  # a second Ctrl-C must not leave the cluster half-stopped
-        if shutdown:
-            ray.shutdown()
-        for proc in started:
-            _quietly(psutil, proc.terminate)
-        _, alive = psutil.wait_procs(started, timeout=REAP_GRACE_S)
-        for proc in alive:
-            _quietly(psutil, proc.kill)
+        ray.shutdown()
+        _terminate(started)
+
+
+def _terminate(procs: list[Any]) -> None:
+    """SIGTERM, a grace of REAP_GRACE_S, then SIGKILL for what is left."""
+    import psutil
+
+    for proc in procs:
+        _quietly(psutil, proc.terminate)
+    _, alive = psutil.wait_procs(procs, timeout=REAP_GRACE_S)
+    for proc in alive:
+        _quietly(psutil, proc.kill)
+
+
+def _reap_after_exit(procs: list[Any]) -> None:
+    # Process ids with their start times, so a reused id is never killed.
+    ids = [f"{proc.pid}:{proc.create_time()!r}" for proc in procs if proc.is_running()]
+    subprocess.Popen(
+        [sys.executable, "-m", "optimenv._ray_driver", "reap", str(os.getpid()), *ids],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # outlives this process, untouched by the terminal's Ctrl-C
+    )
+
+
+def _reap(parent: int, ids: list[str]) -> None:
+    """The reaper: once ``parent`` has ended, stop the processes it listed."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(parent).wait(timeout=30)
+    procs = []
+    for item in ids:
+        pid, _, started = item.partition(":")
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc = psutil.Process(int(pid))
+            if proc.create_time() == float(started):
+                procs.append(proc)
+    _terminate(procs)
 
 
 @contextmanager
@@ -162,3 +202,8 @@ def _signals_ignored() -> Iterator[None]:
 def _quietly(psutil: Any, action: Callable[[], None]) -> None:
     with contextlib.suppress(psutil.NoSuchProcess):  # it ended by itself meanwhile
         action()
+
+
+if __name__ == "__main__":  # the reaper, started by _reap_after_exit
+    if len(sys.argv) >= 3 and sys.argv[1] == "reap":
+        _reap(int(sys.argv[2]), sys.argv[3:])
