@@ -54,6 +54,21 @@ def test_one_deepspeed_plugin_as_accelerate_stores_it(state: Any, monkeypatch: p
     assert effective_setup(snapshot)["mode"] == "DEEPSPEED (ZeRO-3)"
 
 
+def test_deepspeed_mixed_precision_is_what_its_json_enables(
+    state: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On an H100, ZeRO-3 with bf16 reported "mixed precision no": AcceleratorState keeps "no" in
+    # _mixed_precision and answers from the DeepSpeed JSON, which set_mixed_precision enabled.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    created = state(deepspeed_plugin=_deepspeed(monkeypatch, 3))
+    # What state.py stores on an accelerator, where PartialState already says DEEPSPEED: "no".
+    created._mixed_precision = "no"
+    snapshot = accelerate_state()
+    assert snapshot is not None
+    assert snapshot["mixed_precision"] == created.mixed_precision == "bf16"
+    assert effective_setup(snapshot)["mixed_precision"] == "bf16"
+
+
 def test_several_named_deepspeed_plugins(state: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     plugins = {"student": _deepspeed(monkeypatch, 2), "teacher": _deepspeed(monkeypatch, 3)}
     state(deepspeed_plugin=plugins)

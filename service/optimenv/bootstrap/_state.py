@@ -63,13 +63,29 @@ def _accelerator(full: Mapping[str, Any]) -> dict[str, Any]:
     fsdp = full.get("fsdp_plugin")
     dynamo = full.get("dynamo_plugin")
     return {
-        "mixed_precision": full.get("_mixed_precision"),
+        "mixed_precision": _mixed_precision(full),
         "dynamo_backend": _name(getattr(dynamo, "backend", None)),
         "deepspeed": deepspeed_plugins(full.get("deepspeed_plugins")),
         "fsdp_version": getattr(fsdp, "fsdp_version", None),
         "fsdp": None if fsdp is None else _fsdp(fsdp),
         "parallelism": _parallelism(full.get("parallelism_config")),
     }
+
+
+def _mixed_precision(full: Mapping[str, Any]) -> Any:
+    """As ``AcceleratorState.mixed_precision`` answers: under DeepSpeed (fp8 aside) the active
+    plugin's JSON decides (``bf16.enabled`` / ``fp16.enabled``), not ``_mixed_precision``."""
+    chosen = full.get("_mixed_precision")
+    if _name(full.get("distributed_type")) != "DEEPSPEED" or chosen == "fp8":
+        return chosen
+    value = full.get("deepspeed_plugins")
+    plugins = list(value.values()) if isinstance(value, Mapping) else [value]
+    active = next((p for p in plugins if getattr(p, "selected", False)), plugins[0])
+    config = getattr(active, "deepspeed_config", None) or {}
+    for precision in ("fp16", "bf16"):
+        if (config.get(precision) or {}).get("enabled", False) is True:
+            return precision
+    return "no"
 
 
 def deepspeed_plugins(value: Any) -> dict[str, dict[str, Any]]:
