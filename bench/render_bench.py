@@ -3,7 +3,8 @@
 Run: ``.venv/bin/python bench/render_bench.py [--repeat N] [--number N]``. Prints one table to
 stdout: µs per call (min and median over ``repeat`` timings of ``number`` calls each) and the
 ratio to ``plan()`` (the baseline: the step before rendering, which every caller pays anyway).
-``to_yaml`` (what ``optimenv render -o yaml`` adds) is shown for scale. The controller renders
+``compile()`` (plan, spec and render together, what every front end calls) and ``to_yaml`` (what
+``optimenv render -o yaml`` adds) are shown for scale. The controller renders
 once per reconcile of an ``OptimEnv``, so this is its per-object CPU cost beside the API calls.
 """
 
@@ -17,10 +18,11 @@ from pathlib import Path
 import yaml
 from _timing import print_table, time_cases
 
-from optimenv.config import parse_config
-from optimenv.plan import Hardware, plan
-from optimenv.render import TARGETS, JobOptions, render
-from optimenv.render.cli import to_yaml
+from optimenv.compiler import compile
+from optimenv.config import TrainingConfig, parse_config
+from optimenv.plan import plan
+from optimenv.render import Request, render, to_yaml
+from optimenv.workload import TARGETS, JobSpec, Target, Topology
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # Example -> (nodes, GPUs per node); HSDP 2x2 needs exactly 4 processes.
@@ -39,27 +41,23 @@ def main() -> None:
 
     rows: list[tuple[str, float, float, float]] = []
     for name, (file, nodes, gpus) in CASES.items():
-        hardware = Hardware(nodes=nodes, gpus_per_node=gpus, bf16_supported=True)
-        options = JobOptions(
-            name="ft",
-            image="registry.example.com/train:1.0",
-            command=("python", "train.py"),
-            nodes=nodes,
-            gpus_per_node=gpus,
-        )
+        topology = Topology(nodes=nodes, gpus_per_node=gpus, bf16_supported=True)
         config = parse_config(yaml.safe_load((EXAMPLES / file).read_text()), base_dirs=(EXAMPLES,))
-        planned = plan(config, hardware)
+        hardware = topology.hardware()
         timed: dict[str, tuple[Callable[[], object], int]] = {
             "plan() (baseline)": (lambda c=config, h=hardware: plan(c, h), args.number),
         }
         for target in TARGETS:
-            render(planned, target, options)  # warm
-            timed[f"render {target}"] = (
-                lambda t=target, p=planned, o=options: render(p, t, o),
-                args.number,
-            )
-        objects = render(planned, "trainjob", options)
-        timed["to_yaml(trainjob objects)"] = (lambda o=objects: to_yaml(o), max(args.number // 10, 1))
+            request = _request(config, topology, target)
+            planned = plan(config, topology.hardware(request.launch))
+            render(planned, request)  # warm
+            timed[f"render {target}"] = (lambda p=planned, r=request: render(p, r), args.number)
+        job = compile(config, topology, _job("trainjob"), name="ft")
+        timed["compile() trainjob"] = (
+            lambda c=config, t=topology: compile(c, t, _job("trainjob"), name="ft"),
+            args.number,
+        )
+        timed["to_yaml(trainjob objects)"] = (lambda o=job.objects: to_yaml(o), max(args.number // 10, 1))
         rows += time_cases(name, timed, args.repeat)
 
     print_table(
@@ -68,6 +66,21 @@ def main() -> None:
         note=f"repeat={args.repeat} number={args.number} (to_yaml /10)",
         ratio="x plan()",
         width=40,
+    )
+
+
+def _job(target: Target) -> Target | JobSpec:
+    if target == "configmaps":
+        return target
+    return JobSpec(target=target, image="registry.example.com/train:1.0", command=["python", "train.py"])
+
+
+def _request(config: TrainingConfig, topology: Topology, target: Target) -> Request:
+    """What compile() hands the renderer for ``target``, so render() alone is timed."""
+    job = _job(target)
+    done = compile(config, topology, job)
+    return Request(
+        target, "ft", "default", {}, job if isinstance(job, JobSpec) else None, done.launch, done.spec
     )
 
 

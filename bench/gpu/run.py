@@ -172,23 +172,19 @@ def optimenv_launch(
     scenario: Scenario, gpus: int, rep: int, port: int, train: TrainArgs, work: Path, mount_root: str
 ) -> Launch:
     """Path A: render the PyTorchJob for this config and start its pod's container on this machine."""
-    from optimenv.config import load_config
-    from optimenv.plan import Hardware, plan
-    from optimenv.render import JobOptions, render
+    from optimenv import JobSpec, Topology, compile, load_config
 
     label = f"{scenario.name}-g{gpus}-optimenv-{rep}"
     out_dir = str(work / label)
     ds_path = _mounted("/etc/optimenv/deepspeed.json", mount_root)
     config = load_config(CONFIGS / scenario.config)
-    result = plan(config, Hardware(nodes=1, gpus_per_node=gpus), deepspeed_path=ds_path)
     per_rank = ["python3"]
     if scenario.zero3:
         per_rank += ["-m", "optimenv.bootstrap", "run"]
     per_rank += [TRAIN, *train.argv(out_dir, label)]
-    options = JobOptions(
-        name="gpu-bench", image="local", command=tuple(per_rank), nodes=1, gpus_per_node=gpus
-    )
-    objects = render(result, "pytorchjob", options)
+    job = JobSpec(target="pytorchjob", image="local", command=per_rank)
+    topology = Topology(nodes=1, gpus_per_node=gpus)
+    objects = compile(config, topology, job, name="gpu-bench", deepspeed_path=ds_path).manifests()
     cmd, env, files = pod(objects, "Master", 0, port, mount_root)
     return Launch(scenario.name, gpus, "optimenv", rep, cmd, env, files, out_dir, port)
 

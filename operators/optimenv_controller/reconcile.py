@@ -13,19 +13,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from optimenv.config import parse_config, parse_yaml
+from optimenv.compiler import compile
+from optimenv.config import TrainingConfig, parse_config, parse_yaml
 from optimenv.deepspeed import PRESETS
 from optimenv.errors import ConfigError, OptimEnvError, shown
 from optimenv.limits import check_data
-from optimenv.plan import Plan, plan
-from optimenv.render import CONTENT_HASH_ANNOTATION, JobOptions, render
+from optimenv.render import CONFIGMAP_SUFFIXES, CONTENT_HASH_ANNOTATION, object_name
 from optimenv.resource import API_VERSION, GROUP, KIND, Condition, OptimEnvSpec, parse_spec
-from optimenv.spec import build_spec, content_hash
+from optimenv.spec import content_hash
+from optimenv.workload import JOB_KINDS
 
 FIELD_MANAGER = "optimenv"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 NAME_LABEL = "optimenv.dev/name"
-CHILD_SUFFIXES = ("-env", "-spec", "-deepspeed")
 #: The CRD's maxLength of a condition message (a longer one would make the whole status write fail).
 MESSAGE_MAX = next(
     m.max_length for m in Condition.model_fields["message"].metadata if hasattr(m, "max_length")
@@ -35,9 +35,7 @@ ChildKey = tuple[str, str, str]  # (apiVersion, kind, name)
 
 #: The job kinds whose owned objects the controller can watch (``--job-kind``): (group, version, plural).
 JOB_RESOURCES: dict[str, tuple[str, str, str]] = {
-    "rayjob": ("ray.io", "v1", "rayjobs"),
-    "pytorchjob": ("kubeflow.org", "v1", "pytorchjobs"),
-    "trainjob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
+    target: (kind.group, kind.version, kind.plural) for target, kind in JOB_KINDS.items()
 }
 
 
@@ -47,7 +45,7 @@ def child_key(body: Mapping[str, Any]) -> ChildKey:
 
 def child_configmap_names(name: str) -> tuple[str, ...]:
     """Names of the ConfigMaps an OptimEnv may own (the renderers' naming convention)."""
-    return tuple(name + suffix for suffix in CHILD_SUFFIXES)
+    return tuple(object_name(name, suffix) for suffix in CONFIGMAP_SUFFIXES)
 
 
 def config_map_ref(obj: Mapping[str, Any]) -> str | None:
@@ -144,11 +142,10 @@ def desired(obj: Mapping[str, Any], referenced: Mapping[str, Any] | None = None)
             if isinstance(data, Invalid):
                 return data
             config = parse_config(data)
-            result = plan(config, spec.topology.hardware(), deepspeed_path=spec.deepspeedPath)
         except ConfigError as exc:
             # Name the field as the user wrote it: under spec.config, or in the referenced ConfigMap.
             raise ConfigError(where + exc.field, exc.reason, exc.hint) from None
-        return _render(obj, spec, result)
+        return _render(obj, spec, config, where)
     except OptimEnvError as exc:
         return Invalid("InvalidConfig", str(exc))
 
@@ -183,52 +180,35 @@ def _config_data(spec: OptimEnvSpec, referenced: Mapping[str, Any] | None) -> di
     return data
 
 
-def _render(obj: Mapping[str, Any], spec: OptimEnvSpec, result: Plan) -> Desired:
+def _render(obj: Mapping[str, Any], spec: OptimEnvSpec, config: TrainingConfig, where: str) -> Desired:
+    """The compiled job's objects, owned by ``obj``: what ``optimenv render`` prints, plus ownership."""
     meta = obj["metadata"]
-    name, namespace = meta["name"], meta["namespace"]
-    job = spec.job
     labels = labels_for(obj)
-    options = JobOptions(
-        name=name,
-        namespace=namespace,
-        image=job.image if job else None,
-        command=tuple(job.command) if job else (),
-        nodes=spec.topology.nodes,
-        gpus_per_node=spec.topology.gpusPerNode,
-        service_account=job.serviceAccount if job else None,
-        node_selector=dict(job.nodeSelector) if job else {},
-        tolerations=tuple(job.tolerations) if job else (),
-        labels={**(job.labels if job else {}), **labels},
-        runtime=job.runtime if job else None,
-        spec_policy=spec.policy,
+    job = compile(
+        config,
+        spec.topology,
+        spec.job or "configmaps",
+        name=meta["name"],
+        namespace=meta["namespace"],
+        labels=labels,
+        policy=spec.policy,
+        deepspeed_path=spec.deepspeedPath,
+        config_path=where,
     )
-    objects = render(result, job.target if job else "configmaps", options)
     owner = owner_reference(obj)
-    children: list[dict[str, Any]] = []
-    names: dict[str, str] = {}
-    for rendered in objects:
-        body = copy.deepcopy(rendered)
-        child_meta = body.setdefault("metadata", {})
-        child_meta["namespace"] = namespace
-        child_meta["labels"] = {**child_meta.get("labels", {}), **labels}
-        annotations = child_meta.setdefault("annotations", {})
+    children = job.manifests()
+    for body in children:
+        annotations = body["metadata"].setdefault("annotations", {})
         if CONTENT_HASH_ANNOTATION not in annotations:
             # Jobs get defaulted by the API server and webhooks: compare our hash, not their spec.
-            annotations[CONTENT_HASH_ANNOTATION] = content_hash(
-                {k: v for k, v in body.items() if k != "status"}
-            )
-        child_meta["ownerReferences"] = [owner]
-        children.append(body)
-        if body["kind"] == "ConfigMap":
-            for suffix in CHILD_SUFFIXES:
-                if child_meta["name"] == name + suffix:
-                    names[suffix] = child_meta["name"]
+            annotations[CONTENT_HASH_ANNOTATION] = content_hash(body)
+        body["metadata"]["ownerReferences"] = [owner]
     summary = {
-        "target": job.target if job else None,
-        "envConfigMap": names.get("-env"),
-        "specConfigMap": names.get("-spec"),
-        "deepspeedConfigMap": names.get("-deepspeed"),
-        "hash": build_spec(result, policy=spec.policy)["hash"],
+        "target": job.target if spec.job else None,
+        "envConfigMap": job.env_configmap,
+        "specConfigMap": job.spec_configmap,
+        "deepspeedConfigMap": job.deepspeed_configmap,
+        "hash": job.hash,
     }
     # A merge patch drops null keys: leave them out, or the stored status never compares equal.
     summary = {k: v for k, v in summary.items() if v is not None}

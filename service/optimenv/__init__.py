@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from optimenv.compiler import Job, compile
     from optimenv.config import TrainingConfig, load_config, parse_config
     from optimenv.errors import ConfigError, OptimEnvError
     from optimenv.plan import Deferred, EnvVar, Hardware, Plan, plan
+    from optimenv.workload import JobSpec, Topology
 
 # Lazy exports: the worker bootstrap imports optimenv.* on every pod start and must not pay for
 # pydantic and yaml, which only the planner needs.
 _EXPORTS = {
+    "Job": "optimenv.compiler",
+    "compile": "optimenv.compiler",
+    "JobSpec": "optimenv.workload",
+    "Topology": "optimenv.workload",
     "TrainingConfig": "optimenv.config",
     "load_config": "optimenv.config",
     "parse_config": "optimenv.config",
@@ -29,9 +37,13 @@ __all__ = [
     "Deferred",
     "EnvVar",
     "Hardware",
+    "Job",
+    "JobSpec",
     "OptimEnvError",
     "Plan",
+    "Topology",
     "TrainingConfig",
+    "compile",
     "load_config",
     "parse_config",
     "plan",
@@ -40,13 +52,25 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    home = _EXPORTS.get(name)
+    if home is None:
         raise AttributeError(f"module 'optimenv' has no attribute {name!r}")
-    loaded = importlib.import_module(module)
-    # Importing optimenv.plan binds the submodule to the name "plan": bind every export of that
-    # module now, so the function wins over the submodule whichever name is asked for first.
-    for export, home in _EXPORTS.items():
-        if home == module:
-            globals()[export] = getattr(loaded, export)
-    return globals()[name]
+    return getattr(importlib.import_module(home), name)
+
+
+class _Package(types.ModuleType):
+    """The package object: an export wins over a submodule of the same name (``optimenv.plan``).
+
+    Importing a submodule binds it on its package (``import optimenv.render`` imports
+    ``optimenv.plan`` and sets ``optimenv.plan`` to that module), after which ``from optimenv import
+    plan`` would find the module, never asking :func:`__getattr__`. Binding the export instead keeps
+    the function whichever is imported first; the module stays in ``sys.modules``.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

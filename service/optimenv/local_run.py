@@ -1,13 +1,13 @@
-"""``optimenv run``: the whole path on one machine, through a local Ray cluster.
+"""``optimenv run`` (the command is :mod:`optimenv.cli.run`): launch on a local Ray cluster, report.
 
-config → plan (with this machine's hardware) → worker spec → each Ray Train worker applies it →
-Accelerate → training steps; then a report of what was asked and what Accelerate really did.
+config → :func:`optimenv.compile` (this machine as the topology) → worker spec → each Ray Train
+worker applies it → Accelerate → training steps; then a report of what was asked and what
+Accelerate really did.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +15,10 @@ from typing import Any
 
 import click
 
-from optimenv._console import Console, default_log_path, owned_stderr
-from optimenv._ray_driver import exits_when_interrupted, ray_cluster, wait_for
-from optimenv.cli import read_config
-from optimenv.errors import OptimEnvError
-from optimenv.plan import Hardware, Plan, plan
-from optimenv.spec import build_spec
-from optimenv.train_tiny import DEFAULT_STEPS
-
-DEFAULT_SCRIPT = "optimenv.train_tiny"
+from optimenv._console import Console
+from optimenv._ray_driver import ray_cluster, wait_for
+from optimenv.plan import Plan
+from optimenv.spec import WorkerSpec
 
 
 @dataclass
@@ -192,80 +187,11 @@ def _worker_lines(w: dict[str, Any], planned: list[str]) -> list[str]:
     return lines
 
 
-@click.command(name="run")
-@click.argument("config")
-@click.option(
-    "--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Ray Train workers."
-)
-@click.option(
-    "--steps", type=click.IntRange(min=1), help=f"Steps of the shipped example (default {DEFAULT_STEPS})."
-)
-@click.option("--cpu", is_flag=True, help="CPU workers even if the cluster has GPUs.")
-@click.option(
-    "--log",
-    "log_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Where Ray's messages and the workers' output are logged (default: a new file in $TMPDIR).",
-)
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
-def run_command(
-    config: str,
-    workers: int,
-    steps: int | None,
-    cpu: bool,
-    log_path: Path | None,
-    output: str,
-    script_args: tuple[str, ...],
-) -> None:
-    """Train CONFIG on this machine: a local Ray cluster (or $RAY_ADDRESS), N workers, the plan in each.
-
-    Without `-- SCRIPT ARGS...` it trains the shipped tiny Llama (nothing is downloaded).
-    Exit status: 0 when every worker succeeded; the failing script's exit code; 130 after Ctrl-C,
-    143 after SIGTERM.
-    """
-    cfg = read_config(config)
-    if script_args and steps is not None:
-        raise OptimEnvError(
-            "--steps: applies to the shipped example only; give your script its own arguments"
-        )
-    if script_args and not Path(script_args[0]).is_file():
-        raise OptimEnvError(f"script: {script_args[0]}: no such file")
-    timings = Timings()
-    # One node, one process per worker. Whether the GPUs do bf16/fp8 and which torch the workers
-    # have is left to the bootstrap in each worker (the driver imports no torch: it starts faster).
-    hardware = Hardware(nodes=1, gpus_per_node=workers)
-    log = log_path or default_log_path("run")
-    with exits_when_interrupted(), tempfile.TemporaryDirectory(prefix="optimenv-run-") as tmp:
-        result = plan(cfg, hardware, deepspeed_path=str(Path(tmp) / "deepspeed.json"))
-        spec = build_spec(result)
-        if script_args:
-            target, args, module = script_args[0], list(script_args[1:]), False
-        else:
-            mbs = str(cfg.micro_batch_size or 1)
-            target, args, module = (
-                DEFAULT_SCRIPT,
-                ["--steps", str(steps or DEFAULT_STEPS), "--micro-batch-size", mbs],
-                True,
-            )
-        with owned_stderr(log) as console:
-            for warning in result.warnings:
-                console.say(f"warning: {warning}")
-            launched = Launch(spec, target, args, module, workers, cpu, steps or DEFAULT_STEPS)
-            reports, use_gpu = _launch(launched, console, timings)
-    timings.total_s = time.perf_counter() - timings.started
-    report = build_report(result, reports, timings, use_gpu, log)
-    if output == "json":
-        click.echo(json.dumps(report, indent=2, sort_keys=True))
-    else:
-        click.echo(report_text(report), nl=False)
-
-
 @dataclass(frozen=True)
-class Launch:
+class RunRequest:
     """What ``run`` asks of Ray: the spec, the script and how many workers."""
 
-    spec: dict[str, Any]
+    spec: WorkerSpec
     target: str
     args: list[str]
     module: bool  # the shipped example (a module, whose steps are known) rather than a script
@@ -274,7 +200,7 @@ class Launch:
     steps: int
 
 
-def _launch(launch: Launch, console: Console, timings: Timings) -> tuple[list[Any], bool]:
+def run_workers(launch: RunRequest, console: Console, timings: Timings) -> tuple[list[Any], bool]:
     from optimenv.bootstrap.ray import LaunchError, MetricsRecord
     from optimenv.bootstrap.ray import launch as ray_launch
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from optimenv import deepspeed as ds
 from optimenv.errors import ConfigError, shown
-from optimenv.spec import DeferredKind
+from optimenv.spec import DeferredKind, SpecStep
+from optimenv.versions import at_least, parse_version
 
 if TYPE_CHECKING:
     from optimenv.config import TrainingConfig
@@ -31,9 +31,6 @@ SINGLE_GPU_DEFAULTS = {
     "MASTER_ADDR": "0.0.0.0",
     "MASTER_PORT": "29500",
 }
-
-
-_TORCH_VERSION = re.compile(r"\d+\.\d+(\.\d+)?([.+a-zA-Z0-9]*)")  # fullmatch: "$" accepts "\n"
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,7 @@ class Hardware:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"hardware.{name}", f"must be a whole number >= 1, got {value!r}")
         version = self.torch_version
-        if version is not None and not _TORCH_VERSION.fullmatch(version):
+        if version is not None and parse_version(version) is None:
             # An unparsable version would compare below every minimum and silently drop settings.
             raise ConfigError(
                 "hardware.torch_version", f"must look like 2.6.0 (major.minor[.patch]), got {shown(version)}"
@@ -85,7 +82,7 @@ class Deferred:
     source: str
     detail: tuple[tuple[str, Any], ...] = ()
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> SpecStep:
         return {
             "kind": self.kind,
             "variable": self.variable,
@@ -179,7 +176,7 @@ def plan(
     _torch_compile(config, hw, b)
     precision = _mixed_precision(config, hw, b, ds_json)
 
-    if fsdp_version == 2 and hw.torch_version and _version_tuple(hw.torch_version) < (2, 7):
+    if fsdp_version == 2 and hw.torch_version and not at_least(hw.torch_version, "2.7"):
         raise ConfigError("fsdp_version", f"FSDP2 needs torch >= 2.7.0, the workers have {hw.torch_version}")
 
     return Plan(
@@ -489,7 +486,7 @@ def _torch_compile(config: TrainingConfig, hw: Hardware, b: _Builder) -> None:
                 min_torch="2.5.1",
             )
             return
-        if _version_tuple(hw.torch_version) < (2, 5, 1):
+        if not at_least(hw.torch_version, "2.5.1"):
             return
     b.set("ACCELERATE_DYNAMO_BACKEND", backend, src)
 
@@ -574,13 +571,3 @@ def _check_lora_kernels(config: TrainingConfig, hw: Hardware, version: int) -> N
     used = next((k for k in kernels if config.extra(k)), None)
     if used and version == 1 and config.fsdp_config is not None and (hw.world_size or 1) > 1:
         raise ConfigError(used, "LoRA kernels are not compatible with FSDP1 on more than one GPU")
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts: list[int] = []
-    for piece in version.split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)

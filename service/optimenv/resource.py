@@ -13,10 +13,11 @@ from typing import Any, Literal
 
 import click
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from optimenv.errors import ConfigError
-from optimenv.plan import DEFAULT_DEEPSPEED_PATH, Hardware
+from optimenv.plan import DEFAULT_DEEPSPEED_PATH
+from optimenv.workload import JobSpec, Topology, parse_model
 
 GROUP = "optimenv.dev"
 VERSION = "v1alpha1"
@@ -30,31 +31,6 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 _STRICT = ConfigDict(extra="forbid")
 
 
-class Topology(BaseModel):
-    """What is known of the GPUs the job runs on; unknown capabilities are decided on the worker."""
-
-    model_config = _STRICT
-
-    nodes: int = Field(1, ge=1, description="Number of nodes (pods) of the job.")
-    gpusPerNode: int = Field(1, ge=1, description="GPUs, and so training processes, per node.")
-    bf16Supported: bool | None = Field(
-        None, description="Whether the GPUs support bf16; leave out to let the worker detect it."
-    )
-    fp8Supported: bool | None = Field(None, description="Whether the GPUs support fp8.")
-    torchVersion: str | None = Field(
-        None, description="torch version of the worker image (decides torch_compile: auto)."
-    )
-
-    def hardware(self) -> Hardware:
-        return Hardware(
-            nodes=self.nodes,
-            gpus_per_node=self.gpusPerNode,
-            bf16_supported=self.bf16Supported,
-            fp8_supported=self.fp8Supported,
-            torch_version=self.torchVersion,
-        )
-
-
 class ConfigMapRef(BaseModel):
     """A ConfigMap in the OptimEnv's namespace whose key holds the training config as YAML."""
 
@@ -62,27 +38,6 @@ class ConfigMapRef(BaseModel):
 
     name: str = Field(min_length=1, max_length=253, description="Name of the ConfigMap.")
     key: str = Field("config.yaml", min_length=1, max_length=253, description="Key holding the YAML.")
-
-
-class JobSpec(BaseModel):
-    """The training job the controller creates and owns, rendered like ``optimenv render``."""
-
-    model_config = _STRICT
-
-    target: Literal["rayjob", "pytorchjob", "trainjob"] = Field(description="Job operator to target.")
-    image: str = Field(min_length=1, description="Container image of the training workers.")
-    command: list[str] = Field(
-        default_factory=list, description="Training command run under the bootstrap on every worker."
-    )
-    serviceAccount: str | None = Field(None, description="Service account of the worker pods.")
-    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Node selector of the workers.")
-    tolerations: list[dict[str, Any]] = Field(
-        default_factory=list, description="Tolerations of the worker pods (core/v1 Toleration)."
-    )
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on the job and its pods.")
-    runtime: str | None = Field(
-        None, description="TrainJob only: the ClusterTrainingRuntime to reference (default by config)."
-    )
 
 
 class OptimEnvSpec(BaseModel):
@@ -109,6 +64,14 @@ class OptimEnvSpec(BaseModel):
     job: JobSpec | None = Field(
         None, description="Create and own this training job; leave out for ConfigMaps only."
     )
+
+    @field_validator("topology")
+    @classmethod
+    def _sized(cls, topology: Topology) -> Topology:
+        # The schema has no null sizes (the API server defaults them to 1); "unknown" is for Python.
+        if topology.nodes is None or topology.gpus_per_node is None:
+            raise ValueError("nodes and gpusPerNode must be whole numbers >= 1 (or left out for 1)")
+        return topology
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> OptimEnvSpec:
@@ -178,16 +141,8 @@ def parse_spec(data: Mapping[str, Any] | None) -> OptimEnvSpec:
     """Validate an object's ``spec``; a :class:`ConfigError` names the field as ``spec.<path>``."""
     if data is not None and not isinstance(data, Mapping):
         raise ConfigError("spec", f"must be a mapping, got {type(data).__name__}")
-    try:
-        return OptimEnvSpec.model_validate(dict(data or {}))
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        field = ".".join(["spec", *(str(p) for p in first["loc"])])
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown field (check its spelling in `kubectl explain optimenv.spec`)"
-        more = len(exc.errors()) - 1
-        raise ConfigError(field, message + (f"; {more} more error(s)" if more else "")) from None
+    hint = "check its spelling in `kubectl explain optimenv.spec`"
+    return parse_model(OptimEnvSpec, dict(data or {}), "spec", hint)
 
 
 # ---------------------------------------------------------------------------------------------------

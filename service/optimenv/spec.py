@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast, get_args
 
 from optimenv.errors import OptimEnvError, shown
 from optimenv.limits import check_data
@@ -35,6 +36,72 @@ DeferredKind = Literal[
 ]
 DEFERRED_KINDS: frozenset[str] = frozenset(get_args(DeferredKind))
 
+#: Variables the launchers own: torchrun, the operators (PyTorchJob, TrainJob), mpirun and Ray Train
+#: set them in every process. A plan never carries one (the renderers refuse it) and the bootstrap
+#: never writes one, except a deferred step's single-GPU DeepSpeed defaults where nothing is set.
+LAUNCHER_VARIABLES = frozenset(
+    {
+        # torch.distributed rendezvous and ranks (torchrun sets all of them for each child)
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "NODE_RANK",
+        "GROUP_RANK",
+        "GROUP_WORLD_SIZE",
+        "ROLE_RANK",
+        "ROLE_NAME",
+        "ROLE_WORLD_SIZE",
+        # Ray Train pins each worker to its GPU with these
+        "ACCELERATE_TORCH_DEVICE",
+        "CUDA_VISIBLE_DEVICES",
+    }
+)
+#: Families of launcher variables: the operators' torchrun arguments, OpenMPI's ranks, torchelastic's.
+LAUNCHER_PREFIXES = ("PET_", "OMPI_", "TORCHELASTIC_")
+
+
+def set_by_launcher(name: str) -> bool:
+    """Whether ``name`` is a variable a launcher sets, which neither a plan nor the bootstrap may."""
+    return name in LAUNCHER_VARIABLES or name.startswith(LAUNCHER_PREFIXES)
+
+
+class SpecVariable(TypedDict):
+    """One planned variable of a worker spec (``mode`` ``default``: only where nothing is set)."""
+
+    name: str
+    value: str
+    source: str
+    mode: Literal["set", "default"]
+
+
+class SpecStep(TypedDict):
+    """One deferred step of a worker spec: what only the worker can decide."""
+
+    kind: DeferredKind
+    variable: str | None
+    source: str
+    detail: dict[str, Any]
+
+
+class WorkerSpec(TypedDict):
+    """The worker spec document (JSON on the wire), ``apiVersion`` and ``kind`` as below; keys in the
+    order it is built, ``hash`` the content hash of the rest."""
+
+    apiVersion: str
+    kind: str
+    policy: Policy
+    env: list[SpecVariable]
+    deferred: list[SpecStep]
+    deepspeed: dict[str, Any] | None
+    deepspeedPath: str | None
+    zeroStage: int | None
+    fsdpVersion: int | None
+    warnings: list[str]
+    hash: str
+
 
 class SpecError(OptimEnvError):
     """A worker spec that cannot be trusted (bad JSON, wrong kind, hash mismatch)."""
@@ -53,15 +120,18 @@ def deepspeed_text(deepspeed: dict[str, Any]) -> str:
     return json.dumps(deepspeed, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def build_spec(plan: Plan, *, policy: Policy = "plan-wins") -> dict[str, Any]:
+def build_spec(plan: Plan, *, policy: Policy = "plan-wins") -> WorkerSpec:
     """The spec document for ``plan``; ``policy`` says who wins when a variable is already set."""
     if policy not in POLICIES:
         raise SpecError(f"policy: must be one of {', '.join(POLICIES)}, got {shown(policy)}")
+    env: list[SpecVariable] = [
+        {"name": v.name, "value": v.value, "source": v.source, "mode": v.mode} for v in plan.env
+    ]
     body: dict[str, Any] = {
         "apiVersion": API_VERSION,
         "kind": KIND,
         "policy": policy,
-        "env": [{"name": v.name, "value": v.value, "source": v.source, "mode": v.mode} for v in plan.env],
+        "env": env,
         "deferred": [d.to_dict() for d in plan.deferred],
         "deepspeed": plan.deepspeed,
         "deepspeedPath": plan.deepspeed_path,
@@ -69,10 +139,11 @@ def build_spec(plan: Plan, *, policy: Policy = "plan-wins") -> dict[str, Any]:
         "fsdpVersion": plan.fsdp_version,
         "warnings": list(plan.warnings),
     }
-    return {**body, "hash": content_hash(body)}
+    # The hash covers every key before it, so it is added last (and the key order is the document's).
+    return cast(WorkerSpec, {**body, "hash": content_hash(body)})
 
 
-def spec_text(spec: dict[str, Any]) -> str:
+def spec_text(spec: Mapping[str, object]) -> str:
     """The spec file as written to workers."""
     return json.dumps(spec, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 

@@ -26,12 +26,12 @@ from typing import Any
 import yaml
 
 from optimenv.bootstrap._apply import apply_spec
-from optimenv.config import parse_config, parse_yaml
+from optimenv.compiler import compile
+from optimenv.config import TrainingConfig, parse_config, parse_yaml
 from optimenv.errors import MESSAGE_MAX, OptimEnvError
 from optimenv.plan import Hardware, Plan, plan
-from optimenv.render import TARGETS, JobOptions, render
-from optimenv.render.cli import to_json, to_yaml
 from optimenv.spec import build_spec, content_hash, deepspeed_text
+from optimenv.workload import TARGETS, JobSpec, Topology, parse_model
 from optimenv_controller import reconcile as rc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -323,18 +323,38 @@ def check(case: Case, folder: Path) -> Report:
             report, "plan-hw", lambda: plan(config, hardware, deepspeed_path=ds_path)
         )
         if planned:
-            _check_render(report, case, planned)
+            _check_render(report, case, config, ds_path)
             _check_bootstrap(report, case, planned, folder)
     _check_desired(report, case, data)
     return report
 
 
-def _check_render(report: Report, case: Case, planned: Plan) -> None:
-    options = _step(report, "options", lambda: JobOptions(**case.options))
-    if options:
-        objects = _step(report, "render", lambda: render(planned, case.target, options))
-        if objects:
-            _step(report, "render-out", lambda: (to_yaml(objects), to_json(objects)))
+_JOB_FIELDS = ("image", "command", "service_account", "node_selector", "runtime", "tolerations")
+
+
+def _check_render(report: Report, case: Case, config: TrainingConfig, ds_path: str) -> None:
+    """compile() with the case's options as a job, topology and object metadata, then the output."""
+    fields = {"target": case.target, **{key: case.options[key] for key in _JOB_FIELDS}}
+    job = None if case.target == "configmaps" else _step(report, "job", lambda: parse_model(JobSpec, fields))
+    sizes = {"nodes": case.options["nodes"], "gpus_per_node": case.options["gpus_per_node"]}
+    topology = _step(report, "topology", lambda: parse_model(Topology, {**case.hardware, **sizes}))
+    if topology is None or (job is None and case.target != "configmaps"):
+        return
+    compiled = _step(
+        report,
+        "render",
+        lambda: compile(
+            config,
+            topology,
+            job or case.target,
+            name=case.options["name"],
+            namespace=case.options["namespace"],
+            labels=case.options["labels"],
+            deepspeed_path=ds_path,
+        ),
+    )
+    if compiled:
+        _step(report, "render-out", lambda: (compiled.to_yaml(), compiled.to_json()))
 
 
 def _check_bootstrap(report: Report, case: Case, planned: Plan, folder: Path) -> None:

@@ -24,12 +24,13 @@ from typing import Any
 from unittest import mock
 
 import pytest
+import yaml
 
 from optimenv.bootstrap._probe import no_gpu_reason
+from optimenv.compiler import Job
 from optimenv.plan import Plan
-from optimenv.render import JobOptions
 from optimenv.spec import verify_spec
-from tests.render.conftest import plan_example, render_checked
+from tests.render.conftest import EXAMPLES, compiled
 
 BOOTSTRAP = ["optimenv-bootstrap", "--spec", "/etc/optimenv/spec.json", "--"]
 RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -82,8 +83,8 @@ class Mounts:
         self.spec = root / "spec.json"
         self.deepspeed = root / "deepspeed.json"
 
-    def plan(self, example: str, nodes: int, gpus: int) -> Plan:
-        return plan_example(example, nodes, gpus, deepspeed_path=str(self.deepspeed))
+    def compile(self, source: Any, target: str, nodes: int = 2, gpus: int = 4, **job: Any) -> Job:
+        return compiled(source, target, nodes=nodes, gpus=gpus, deepspeed_path=str(self.deepspeed), **job)
 
     def write(self, objects: list[dict[str, Any]]) -> None:
         for obj in objects:
@@ -167,21 +168,14 @@ def _assert_processes(
         per_node[node].add(proc["LOCAL_RANK"])
 
 
-def _options(**overrides: Any) -> JobOptions:
-    base: dict[str, Any] = dict(
-        name="ft", image="img:1", command=("python", "train.py"), nodes=2, gpus_per_node=4
-    )
-    return JobOptions(**{**base, **overrides})
-
-
 # ---- PyTorchJob ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("example", ["fsdp2-gpu", "zero3-gpu", "parallel-gpu"])
 def test_pytorchjob_process_env(example: str, tmp_path: Path) -> None:
     mounts = Mounts(tmp_path)
     # HSDP 2x2 needs exactly 4 processes (C28).
     nodes, gpus = (2, 2) if example == "parallel-gpu" else (2, 4)
-    plan = mounts.plan(example, nodes, gpus)
-    objects = render_checked(plan, "pytorchjob", _options(nodes=nodes, gpus_per_node=gpus))
+    job = mounts.compile(example, "pytorchjob", nodes, gpus)
+    plan, objects = job.plan, job.manifests()
     _spec(objects, plan)
     mounts.write(objects)
     job = objects[-1]
@@ -222,8 +216,8 @@ def test_pytorchjob_process_env(example: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("example", "runtime"), [("fsdp2-gpu", None), ("zero3-gpu", "torch-distributed")])
 def test_trainjob_torch_process_env(example: str, runtime: str | None, tmp_path: Path) -> None:
     mounts = Mounts(tmp_path)
-    plan = mounts.plan(example, 2, 4)
-    objects = render_checked(plan, "trainjob", _options(runtime=runtime))
+    job = mounts.compile(example, "trainjob", runtime=runtime)
+    plan, objects = job.plan, job.manifests()
     _spec(objects, plan)
     mounts.write(objects)
     job = objects[-1]
@@ -297,10 +291,8 @@ def _script(path: Path, body: str) -> None:
 
 def test_trainjob_mpi_process_env(tmp_path: Path) -> None:
     mounts = Mounts(tmp_path)
-    plan = mounts.plan("zero3-gpu", 2, 2)
-    objects = render_checked(
-        plan, "trainjob", _options(nodes=2, gpus_per_node=2, command=(sys.executable, "-c", DUMP))
-    )
+    job = mounts.compile("zero3-gpu", "trainjob", 2, 2, command=[sys.executable, "-c", DUMP])
+    plan, objects = job.plan, job.manifests()
     _spec(objects, plan)
     mounts.write(objects)
     job = objects[-1]
@@ -347,8 +339,11 @@ def test_trainjob_mpi_process_env(tmp_path: Path) -> None:
 # ---- RayJob ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("example", "workers"), [("fsdp2-gpu", None), ("zero3-gpu", 6)])
 def test_rayjob_worker_env(example: str, workers: int | None) -> None:
-    plan = plan_example(example, 2, 4)
-    objects = render_checked(plan, "rayjob", _options(ray_workers=workers))
+    config = yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text())
+    if workers is not None:
+        config["ray_num_workers"] = workers
+    job = compiled(config, "rayjob")
+    plan, objects = job.plan, job.manifests()
     _spec(objects, plan)
     job = objects[-1]
     entry = shlex.split(job["spec"]["entrypoint"])
@@ -393,9 +388,8 @@ def test_rayjob_worker_env(example: str, workers: int | None) -> None:
 
 
 def test_no_target_sets_a_rendezvous_variable() -> None:
-    plan = plan_example("zero3-gpu", 2, 4)
     for target in ("rayjob", "pytorchjob", "trainjob"):
-        text = json.dumps(render_checked(plan, target, _options()))
+        text = json.dumps(compiled("zero3-gpu", target).manifests())
         for key in RENDEZVOUS:
             assert f'"name": "{key}"' not in text, (target, key)
         assert '"name": "PET_' not in text

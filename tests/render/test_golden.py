@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from optimenv.cli import main
-from optimenv.render import TARGETS, JobOptions, render
-from optimenv.render.cli import to_yaml
-from tests.render.conftest import EXAMPLES, GOLDEN, REPO, plan_example
+from optimenv.compiler import compile
+from optimenv.workload import TARGETS, JobSpec, Target, Topology
+from tests.render.conftest import EXAMPLES, GOLDEN, REPO, config_of
 from tests.render.validators import Validator
 
 UPDATE = os.environ.get("OPTIMENV_UPDATE_GOLDEN") == "1"
@@ -30,19 +30,16 @@ def _topology(example: str) -> tuple[int, int]:
     return TOPOLOGY.get(example, (2, 4))
 
 
-def _options(example: str) -> JobOptions:
-    nodes, gpus = _topology(example)
-    return JobOptions(
-        name=f"ft-{example}",
-        namespace="ml",
+def _job(example: str, target: Target) -> Target | JobSpec:
+    if target == "configmaps":
+        return target
+    return JobSpec(
+        target=target,
         image="registry.example.com/train:1.0",
-        command=("python", "train.py", "--config", "/workspace/config.yaml"),
-        nodes=nodes,
-        gpus_per_node=gpus,
+        command=["python", "train.py", "--config", "/workspace/config.yaml"],
         service_account="trainer",
         node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-        tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
-        labels={"team": "research"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     )
 
 
@@ -57,11 +54,18 @@ def _compare(path: Path, text: str) -> None:
 
 @pytest.mark.parametrize("example", EXAMPLE_NAMES)
 def test_golden(example: str, validator: Validator) -> None:
-    result = plan_example(example, *_topology(example))
+    nodes, gpus = _topology(example)
     for target in TARGETS:
-        objects = render(result, target, _options(example))
-        validator.validate_all(objects)
-        _compare(GOLDEN / example / f"{target}.yaml", to_yaml(objects))
+        job = compile(
+            config_of(example),
+            Topology(nodes=nodes, gpus_per_node=gpus),
+            _job(example, target),
+            name=f"ft-{example}",
+            namespace="ml",
+            labels={"team": "research"},
+        )
+        validator.validate_all(job.manifests())
+        _compare(GOLDEN / example / f"{target}.yaml", job.to_yaml())
 
 
 def test_golden_has_no_strays() -> None:

@@ -8,16 +8,15 @@ import pytest
 
 from optimenv.cli import main
 from optimenv.errors import ConfigError
-from optimenv.render import JobOptions, render
-from tests.render.conftest import EXAMPLES, plan_example
+from optimenv.workload import JobSpec, parse_model
+from tests.render.conftest import EXAMPLES, compiled
 
-BASE: dict[str, Any] = {"name": "ft", "image": "img:1", "command": ("python", "train.py")}
+BASE: dict[str, Any] = {"target": "pytorchjob", "image": "img:1", "command": ["python", "train.py"]}
 
 
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"namespace": "ml\n"}, "namespace"),
         ({"service_account": "trainer\n"}, "service_account"),
         ({"runtime": "torch-distributed\n"}, "runtime"),
         ({"labels": {"team": "nlp\n"}}, "labels.team"),
@@ -28,9 +27,20 @@ BASE: dict[str, Any] = {"name": "ft", "image": "img:1", "command": ("python", "t
         ({"image": "img:\x1b[31m1"}, "image"),
     ],
 )
-def test_job_options_refuse_a_trailing_newline(overrides: dict[str, Any], field: str) -> None:
+def test_job_specs_refuse_a_trailing_newline(overrides: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as raised:
-        JobOptions(**{**BASE, **overrides})
+        parse_model(JobSpec, {**BASE, **overrides})
+    assert raised.value.field == field
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"namespace": "ml\n"}, "namespace"), ({"labels": {"team": "nlp\n"}}, "labels.team")],
+)
+def test_object_metadata_refuses_a_trailing_newline(overrides: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        compiled("zero3-gpu", "configmaps", nodes=1, gpus=1, **overrides)
     assert raised.value.field == field
     assert "\n" not in str(raised.value)
 
@@ -38,14 +48,14 @@ def test_job_options_refuse_a_trailing_newline(overrides: dict[str, Any], field:
 @pytest.mark.parametrize("target", ["configmaps", "rayjob", "pytorchjob", "trainjob"])
 def test_object_name_with_a_trailing_newline_is_refused(target: str) -> None:
     with pytest.raises(ConfigError) as raised:
-        render(plan_example("zero3-gpu", 1, 1), target, JobOptions(**{**BASE, "name": "ft\n"}))
+        compiled("zero3-gpu", target, nodes=1, gpus=1, name="ft\n")
     assert raised.value.field == "name"
     assert str(raised.value).startswith("name: 'ft\\n' is not a DNS-")
 
 
 def test_a_long_label_value_is_clipped_in_the_message() -> None:
     with pytest.raises(ConfigError) as raised:
-        JobOptions(**{**BASE, "labels": {"team": "x" * 100_000}})
+        parse_model(JobSpec, {**BASE, "labels": {"team": "x" * 100_000}})
     assert len(str(raised.value)) < 200
 
 

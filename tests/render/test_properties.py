@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from optimenv.compiler import compile
 from optimenv.config import parse_config
 from optimenv.errors import ConfigError
-from optimenv.plan import Hardware, plan
-from optimenv.render import TARGETS, JobOptions, render
-from optimenv.render.cli import to_json, to_yaml
+from optimenv.workload import TARGETS, JobSpec, Target, Topology
 from tests.render.validators import Validator
 
 NAME = st.from_regex(r"\A[a-z][a-z0-9-]{0,30}[a-z0-9]\Z")
@@ -48,46 +48,54 @@ def configs(draw: st.DrawFn) -> dict[str, Any]:
 
 
 @st.composite
-def options(draw: st.DrawFn) -> JobOptions:
-    return JobOptions(
-        name=draw(NAME),
-        namespace=draw(st.sampled_from(["default", "ml", "team-a"])),
-        image=draw(st.sampled_from(["img:1", "registry.example.com/org/train@sha256:" + "a" * 64])),
-        command=(
-            "python",
-            "train.py",
-            *draw(st.lists(st.text("abc-=./ $'\"()", min_size=1, max_size=8), max_size=3)),
+def options(draw: st.DrawFn) -> dict[str, Any]:
+    """compile()'s keyword arguments, the job's fields under "job" and the topology's under "topology"."""
+    return {
+        "name": draw(NAME),
+        "namespace": draw(st.sampled_from(["default", "ml", "team-a"])),
+        "labels": draw(
+            st.dictionaries(st.sampled_from(["team", "example.com/owner"]), LABEL_VALUE, max_size=2)
         ),
-        nodes=draw(st.integers(1, 4)),
-        gpus_per_node=draw(st.sampled_from([1, 2, 4, 8])),
-        service_account=draw(st.sampled_from([None, "trainer"])),
-        node_selector=draw(
-            st.dictionaries(st.sampled_from(["pool", "example.com/gpu"]), LABEL_VALUE, max_size=2)
-        ),
-        tolerations=draw(
-            st.sampled_from([(), ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)])
-        ),
-        labels=draw(st.dictionaries(st.sampled_from(["team", "example.com/owner"]), LABEL_VALUE, max_size=2)),
-        spec_policy=draw(st.sampled_from(["plan-wins", "user-wins"])),
-    )
+        "policy": draw(st.sampled_from(["plan-wins", "user-wins"])),
+        "topology": {"nodes": draw(st.integers(1, 4)), "gpus_per_node": draw(st.sampled_from([1, 2, 4, 8]))},
+        "job": {
+            "image": draw(st.sampled_from(["img:1", "registry.example.com/org/train@sha256:" + "a" * 64])),
+            "command": [
+                "python",
+                "train.py",
+                *draw(st.lists(st.text("abc-=./ $'\"()", min_size=1, max_size=8), max_size=3)),
+            ],
+            "service_account": draw(st.sampled_from([None, "trainer"])),
+            "node_selector": draw(
+                st.dictionaries(st.sampled_from(["pool", "example.com/gpu"]), LABEL_VALUE, max_size=2)
+            ),
+            "tolerations": draw(
+                st.sampled_from(
+                    [[], [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]]
+                )
+            ),
+        },
+    }
+
+
+def _compile(cfg: dict[str, Any], opts: dict[str, Any], target: Target, bf16: bool | None) -> tuple[str, str]:
+    job: Target | JobSpec = target if target == "configmaps" else JobSpec(target=target, **opts["job"])
+    rest = {k: v for k, v in opts.items() if k not in ("job", "topology")}
+    done = compile(parse_config(cfg), Topology(**opts["topology"], bf16_supported=bf16), job, **rest)
+    return done.to_yaml(), done.to_json()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=configs(), opts=options(), target=st.sampled_from(TARGETS), bf16=st.sampled_from([None, True]))
 def test_random_renders_are_valid_and_deterministic(
-    validator: Validator, cfg: dict[str, Any], opts: JobOptions, target: str, bf16: bool | None
+    validator: Validator, cfg: dict[str, Any], opts: dict[str, Any], target: Target, bf16: bool | None
 ) -> None:
     try:
-        planned = plan(parse_config(cfg), Hardware(opts.nodes, opts.gpus_per_node, bf16_supported=bf16))
-        objects = render(planned, target, opts)
+        first = _compile(cfg, opts, target, bf16)
     except ConfigError as exc:
         # Only the refusals the strategies can provoke: sizes that don't fit, names too long.
         assert str(exc).startswith(("dp_shard_size:", "tensor_parallel_size:", "name:")), str(exc)
         assume(False)
         return
-    validator.validate_all(objects)
-    again = render(
-        plan(parse_config(cfg), Hardware(opts.nodes, opts.gpus_per_node, bf16_supported=bf16)), target, opts
-    )
-    assert to_yaml(objects) == to_yaml(again)
-    assert to_json(objects) == to_json(again)
+    validator.validate_all(json.loads(first[1])["items"])
+    assert _compile(cfg, opts, target, bf16) == first

@@ -6,23 +6,23 @@ import json
 from typing import Any
 
 import pytest
+import yaml
 
-from optimenv.config import parse_config
+from optimenv.compiler import compile
 from optimenv.errors import ConfigError, OptimEnvError
-from optimenv.plan import EnvVar, Hardware, plan
-from optimenv.render import CONTENT_HASH_ANNOTATION, TARGETS, JobOptions, object_name
+from optimenv.plan import EnvVar
+from optimenv.render import CONTENT_HASH_ANNOTATION, Request, object_name, render
 from optimenv.spec import build_spec, content_hash, verify_spec
-from tests.render.conftest import plan_example, render_checked
+from optimenv.workload import TARGETS, JobSpec, Topology, parse_model
+from tests.render.conftest import EXAMPLES, compiled, config_of, plan_example, target_of
 from tests.render.validators import Validator
 
 JOBS = ("rayjob", "pytorchjob", "trainjob")
 
 
-def _options(**overrides: Any) -> JobOptions:
-    base: dict[str, Any] = dict(
-        name="ft", image="img:1", command=("python", "train.py"), nodes=2, gpus_per_node=4
-    )
-    return JobOptions(**{**base, **overrides})
+def _objects(source: Any, target: str, **overrides: Any) -> list[dict[str, Any]]:
+    """The objects of ``source`` compiled for ``target`` (2 x 4 GPUs unless overridden), validated."""
+    return compiled(source, target, **overrides).manifests()
 
 
 def _pod_templates(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -37,9 +37,8 @@ def _pod_templates(job: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_configmaps_first_with_their_content_hash() -> None:
-    p = plan_example("zero3-gpu", 2, 4)
     for target in TARGETS:
-        objects = render_checked(p, target, _options())
+        objects = _objects("zero3-gpu", target)
         kinds = [o["kind"] for o in objects]
         assert kinds[:3] == ["ConfigMap"] * 3
         assert [o["metadata"]["name"] for o in objects[:3]] == ["ft-env", "ft-deepspeed", "ft-spec"]
@@ -50,24 +49,23 @@ def test_configmaps_first_with_their_content_hash() -> None:
 
 def test_env_spec_and_deepspeed_contents() -> None:
     p = plan_example("fsdp2-cpu", 2, 4)  # bf16: auto stays deferred
-    objects = render_checked(p, "configmaps", _options())
-    env, spec_cm = objects
+    env, spec_cm = _objects("fsdp2-cpu", "configmaps")
     assert env["data"] == p.env_dict
     assert "ACCELERATE_MIXED_PRECISION" not in env["data"]  # deferred: the bootstrap decides
     spec = verify_spec(json.loads(spec_cm["data"]["spec.json"]))
     assert spec == build_spec(p)
     assert {d["kind"] for d in spec["deferred"]} >= {"bf16_auto", "nccl_p2p_check"}
     zero3 = plan_example("zero3-gpu", 2, 4)
-    ds = render_checked(zero3, "configmaps", _options())[1]
+    ds = _objects("zero3-gpu", "configmaps")[1]
     assert json.loads(ds["data"]["deepspeed.json"]) == zero3.deepspeed
-    user_wins = render_checked(zero3, "configmaps", _options(spec_policy="user-wins"))[-1]
+    user_wins = _objects("zero3-gpu", "configmaps", policy="user-wins")[-1]
     assert json.loads(user_wins["data"]["spec.json"])["policy"] == "user-wins"
 
 
 def test_pod_templates_mount_roll_and_request_gpus() -> None:
     p = plan_example("zero3-gpu", 2, 4)
     for target in JOBS:
-        objects = render_checked(p, target, _options())
+        objects = _objects("zero3-gpu", target)
         cms = {
             o["metadata"]["name"]: o["metadata"]["annotations"][CONTENT_HASH_ANNOTATION] for o in objects[:3]
         }
@@ -82,38 +80,35 @@ def test_pod_templates_mount_roll_and_request_gpus() -> None:
             assert has_shm == (target != "rayjob")  # KubeRay adds its own /dev/shm
             if has_shm:
                 assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"] == {"medium": "Memory"}
-    pytorch = render_checked(p, "pytorchjob", _options())[-1]
+    pytorch = _objects("zero3-gpu", "pytorchjob")[-1]
     for replica in pytorch["spec"]["pytorchReplicaSpecs"].values():
         assert replica["template"]["spec"]["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 4}}
-    ray = render_checked(p, "rayjob", _options())[-1]["spec"]["rayClusterSpec"]
+    ray = _objects("zero3-gpu", "rayjob")[-1]["spec"]["rayClusterSpec"]
     assert ray["headGroupSpec"]["rayStartParams"] == {"num-gpus": "0"}
     assert "resources" not in ray["headGroupSpec"]["template"]["spec"]["containers"][0]
-    train = render_checked(p, "trainjob", _options())[-1]["spec"]["trainer"]
+    train = _objects("zero3-gpu", "trainjob")[-1]["spec"]["trainer"]
     assert train["resourcesPerNode"] == {"limits": {"nvidia.com/gpu": 4}}
 
 
 def test_a_changed_config_changes_every_hash() -> None:
-    a = plan_example("zero3-gpu", 2, 4)
-    b = plan(
-        parse_config({"deepspeed": "zero3", "bf16": True, "gradient_accumulation_steps": 4}), Hardware(2, 4)
-    )
+    changed = {"deepspeed": "zero3", "bf16": True, "gradient_accumulation_steps": 4}
     for target in JOBS:
-        old, new = render_checked(a, target, _options()), render_checked(b, target, _options())
+        old, new = _objects("zero3-gpu", target), _objects(changed, target)
         assert [o["metadata"]["name"] for o in old] == [o["metadata"]["name"] for o in new]
         assert _pod_templates(old[-1])[0]["metadata"] != _pod_templates(new[-1])[0]["metadata"]
 
 
 def test_passthrough_and_labels(validator: Validator) -> None:
     tolerations = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
-    opts = _options(
+    opts: dict[str, Any] = dict(
         namespace="ml",
         service_account="trainer",
         node_selector={"pool": "h100"},
-        tolerations=tolerations,
+        tolerations=list(tolerations),
         labels={"team": "nlp", "app.kubernetes.io/managed-by": "platform"},
     )
     for target in JOBS:
-        objects = render_checked(plan_example("fsdp2-gpu", 2, 4), target, opts)
+        objects = _objects("fsdp2-gpu", target, **opts)
         validator.validate_all(objects)
         for obj in objects:
             meta = obj["metadata"]
@@ -129,9 +124,7 @@ def test_passthrough_and_labels(validator: Validator) -> None:
 
 
 def test_pytorchjob_replicas_and_launch() -> None:
-    job = render_checked(plan_example("fsdp2-gpu", 3, 2), "pytorchjob", _options(nodes=3, gpus_per_node=2))[
-        -1
-    ]
+    job = _objects("fsdp2-gpu", "pytorchjob", nodes=3, gpus=2)[-1]
     specs = job["spec"]["pytorchReplicaSpecs"]
     assert (specs["Master"]["replicas"], specs["Worker"]["replicas"]) == (1, 2)
     assert job["spec"]["nprocPerNode"] == "2"
@@ -146,15 +139,13 @@ def test_pytorchjob_replicas_and_launch() -> None:
         "python",
         "train.py",
     ]
-    single = render_checked(
-        plan_example("fsdp2-gpu", 1, 8), "pytorchjob", _options(nodes=1, gpus_per_node=8)
-    )[-1]
+    single = _objects("fsdp2-gpu", "pytorchjob", nodes=1, gpus=8)[-1]
     assert list(single["spec"]["pytorchReplicaSpecs"]) == ["Master"]  # Worker replicas must be >= 1
 
 
 def test_trainjob_runtime_by_plan_and_patches() -> None:
-    fsdp = render_checked(plan_example("fsdp2-gpu", 2, 4), "trainjob", _options())[-1]["spec"]
-    zero3 = render_checked(plan_example("zero3-gpu", 2, 4), "trainjob", _options())[-1]["spec"]
+    fsdp = _objects("fsdp2-gpu", "trainjob")[-1]["spec"]
+    zero3 = _objects("zero3-gpu", "trainjob")[-1]["spec"]
     assert fsdp["runtimeRef"] == {
         "apiGroup": "trainer.kubeflow.org",
         "kind": "ClusterTrainingRuntime",
@@ -172,48 +163,45 @@ def test_trainjob_runtime_by_plan_and_patches() -> None:
     assert zero3["trainer"]["command"][:2] == ["sh", "-c"]
     assert "mpirun -np 8 " in zero3["trainer"]["command"][2]
     assert not any(e["name"].startswith("PET_") for e in fsdp["trainer"]["env"])
-    custom = render_checked(plan_example("zero3-gpu", 2, 4), "trainjob", _options(runtime="my-runtime"))[-1][
-        "spec"
-    ]
+    custom = _objects("zero3-gpu", "trainjob", runtime="my-runtime")[-1]["spec"]
     assert custom["runtimeRef"]["name"] == "my-runtime"
     assert custom["trainer"]["command"][4] == "torchrun"
 
 
 def test_rayjob_sizing() -> None:
-    p = plan_example("fsdp2-gpu", 2, 4)
-    job = render_checked(p, "rayjob", _options())[-1]["spec"]
+    job = _objects("fsdp2-gpu", "rayjob")[-1]["spec"]
     group = job["rayClusterSpec"]["workerGroupSpecs"][0]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert "--workers 8 " in job["entrypoint"]
-    assert "--workers 3 " in render_checked(p, "rayjob", _options(ray_workers=3))[-1]["spec"]["entrypoint"]
-    quoted = render_checked(p, "rayjob", _options(command=("python3", "train.py", "--name", "a b")))[-1][
+    three = {**yaml.safe_load((EXAMPLES / "fsdp2-gpu.yaml").read_text()), "ray_num_workers": 3}
+    assert "--workers 3 " in _objects(three, "rayjob")[-1]["spec"]["entrypoint"]
+    quoted = _objects("fsdp2-gpu", "rayjob", command=["python3", "train.py", "--name", "a b"])[-1]["spec"]
+    assert quoted["entrypoint"].endswith("--workers 8 -- train.py --name 'a b'")
+    module = _objects("fsdp2-gpu", "rayjob", command=["python", "-m", "axolotl.cli.train", "cfg.yaml"])[-1][
         "spec"
     ]
-    assert quoted["entrypoint"].endswith("--workers 8 -- train.py --name 'a b'")
-    module = render_checked(p, "rayjob", _options(command=("python", "-m", "axolotl.cli.train", "cfg.yaml")))[
-        -1
-    ]["spec"]
     assert module["entrypoint"].endswith("--workers 8 --module -- axolotl.cli.train cfg.yaml")
 
 
 def test_object_name() -> None:
-    assert object_name(_options(name="job"), "env") == "job-env"
+    assert object_name("job", "env") == "job-env"
 
 
 def test_deterministic() -> None:
-    p = plan_example("zero3-gpu", 2, 4)
     for target in TARGETS:
-        assert json.dumps(render_checked(p, target, _options())) == json.dumps(
-            render_checked(p, target, _options())
-        )
+        assert json.dumps(_objects("zero3-gpu", target)) == json.dumps(_objects("zero3-gpu", target))
 
 
 # ---- refusals: one line, naming the field --------------------------------------------------------
 @pytest.mark.parametrize(
     ("target", "overrides", "match"),
     [
-        ("helmchart", {}, r"^target: unknown target 'helmchart' \(choose one of rayjob, pytorchjob"),
+        (
+            "helmchart",
+            {"image": None},
+            r"^target: unknown target 'helmchart' \(choose one of rayjob, pytorchjob",
+        ),
         ("rayjob", {"name": "a" * 48}, r"^name: 'a{48}' is 48 characters; a rayjob name may have at most 47"),
         ("pytorchjob", {"name": "a" * 55}, r"^name: .* at most 54"),
         ("trainjob", {"name": "a" * 49}, r"^name: .* a trainjob name may have at most 44"),
@@ -223,68 +211,86 @@ def test_deterministic() -> None:
         ("configmaps", {"name": "a" * 64}, r"^name: .* at most 63"),
         ("rayjob", {"image": None}, r"^image: is required for the rayjob target"),
         ("pytorchjob", {"image": None}, r"^image: is required for the pytorchjob target"),
-        ("trainjob", {"command": ()}, r"^command: the training command is required"),
+        ("trainjob", {"command": []}, r"^command: the training command is required"),
         (
             "pytorchjob",
-            {"command": ("torchrun", "train.py")},
+            {"command": ["torchrun", "train.py"]},
             r"^command: starts with the launcher 'torchrun'",
         ),
         (
             "trainjob",
-            {"command": ("python", "-m", "accelerate.commands.launch")},
+            {"command": ["python", "-m", "accelerate.commands.launch"]},
             r"^command: starts with the launcher",
         ),
         (
             "rayjob",
-            {"command": ("python", "-c", "print(1)")},
+            {"command": ["python", "-c", "print(1)"]},
             r"^command: Ray mode runs a Python script or module",
         ),
-        ("rayjob", {"ray_workers": 9}, r"^ray_num_workers: 9 Ray Train workers need 9 GPUs"),
+        ("configmaps", {"namespace": "ML"}, r"^namespace: 'ML' is not a DNS-1123 label"),
+        ("pytorchjob", {"labels": {"team": "a b"}}, r"^labels.team: 'a b' is not a valid label value"),
+        ("configmaps", {"labels": ["team=a"]}, r"^labels: must be a mapping of strings, got list"),
+        ("configmaps", {"policy": "maybe"}, r"^policy: must be one of plan-wins, user-wins"),
     ],
 )
 def test_refusals(target: str, overrides: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match) as info:
-        render_checked(plan_example("zero3-gpu", 2, 4), target, _options(**overrides))
+        compiled("zero3-gpu", target, **overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_more_ray_workers_than_gpus_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^ray_num_workers: 9 Ray Train workers need 9 GPUs") as info:
+        compiled({"deepspeed": "zero3", "bf16": True, "ray_num_workers": 9}, "rayjob")
     assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(
-    ("overrides", "match"),
+    ("fields", "match"),
     [
-        ({"namespace": "ML"}, r"^namespace: 'ML' is not a DNS-1123 label"),
-        ({"nodes": 0}, r"^nodes: must be a whole number >= 1"),
-        ({"gpus_per_node": True}, r"^gpus_per_node: must be a whole number"),
         ({"labels": {"team": "a b"}}, r"^labels.team: 'a b' is not a valid label value"),
         ({"node_selector": {"bad key!": "x"}}, r"^node_selector.bad key!: is not a valid label key"),
-        ({"spec_policy": "maybe"}, r"^spec_policy: must be one of plan-wins, user-wins"),
         ({"service_account": "Trainer"}, r"^service_account: 'Trainer' is not a DNS-1123 subdomain"),
         (
-            {"tolerations": ({"key": "a", "efect": "NoSchedule"},)},
+            {"tolerations": [{"key": "a", "efect": "NoSchedule"}]},
             r"^tolerations\[0\]: unknown field\(s\) efect",
         ),
-        ({"tolerations": ("gpu",)}, r"^tolerations\[0\]: must be a mapping, got str"),
+        ({"tolerations": ["gpu"]}, r"^tolerations\[0\]: Input should be a valid dictionary"),
         ({"command": "python train.py"}, r"^command: must be a list of arguments, not one string"),
-        ({"labels": ["team=a"]}, r"^labels: must be a mapping of strings, got list"),
+        ({"labels": ["team=a"]}, r"^labels: Input should be a valid dictionary"),
+        ({"image": ""}, r"^image: String should have at least 1 character"),
+        ({"target": "configmaps"}, r"^target: Input should be 'rayjob', 'pytorchjob' or 'trainjob'"),
+        ({"serviceAccount": "Trainer"}, r"^serviceAccount: 'Trainer' is not a DNS-1123 subdomain"),
     ],
 )
-def test_bad_options(overrides: dict[str, Any], match: str) -> None:
+def test_bad_job_specs(fields: dict[str, Any], match: str) -> None:
+    """The job model refuses in one line, naming the field as the caller spelled it."""
     with pytest.raises(ConfigError, match=match):
-        _options(**overrides)
+        parse_model(JobSpec, {"target": "pytorchjob", "image": "i", **fields})
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"nodes": 0}, r"^nodes: Input should be greater than or equal to 1"),
+        ({"gpus_per_node": True}, r"^gpus_per_node: Input should be a valid integer"),
+        ({"torch_version": "2.6.0\n"}, r"^torch_version: must look like 2.6.0"),
+        ({"gpus": 8}, r"^gpus: unknown field"),
+    ],
+)
+def test_bad_topologies(fields: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_model(Topology, fields)
 
 
 def test_gpus_that_do_not_equal_the_parallel_sizes() -> None:
-    # Planned without hardware, the renderer still checks the job it is asked for.
-    p = plan(
-        parse_config(
-            {
-                "dp_shard_size": 2,
-                "dp_replicate_size": 2,
-                "bf16": True,
-                "fsdp_version": 2,
-                "fsdp_config": {"reshard_after_forward": True},
-            }
-        )
-    )
+    hsdp = {
+        "dp_shard_size": 2,
+        "dp_replicate_size": 2,
+        "bf16": True,
+        "fsdp_version": 2,
+        "fsdp_config": {"reshard_after_forward": True},
+    }
     for target in JOBS:
         # 6 is not a multiple of 4; 8 is, but Accelerate needs exactly 4 processes (C28).
         for gpus, fix in ((3, 3), (4, 4)):
@@ -293,23 +299,33 @@ def test_gpus_that_do_not_equal_the_parallel_sizes() -> None:
                 match=rf"^dp_shard_size: the parallelism sizes multiply to 4, but Accelerate needs them to "
                 rf"equal the {2 * gpus} processes .*\(set dp_shard_size to {fix} so",
             ):
-                render_checked(p, target, _options(nodes=2, gpus_per_node=gpus, ray_workers=None))
-        render_checked(p, target, _options(nodes=2, gpus_per_node=2))
+                compiled(hsdp, target, nodes=2, gpus=gpus)
+        compiled(hsdp, target, nodes=2, gpus=2)
     # A RayJob's processes are its Ray Train workers, not its GPUs.
-    render_checked(p, "rayjob", _options(nodes=2, gpus_per_node=4, ray_workers=4))
+    ray = compiled({**hsdp, "ray_num_workers": 4}, "rayjob", nodes=2, gpus=4)
+    assert ray.workers == 4 and "--workers 4 " in ray.manifests()[-1]["spec"]["entrypoint"]
 
 
 def test_configmap_over_one_mebibyte() -> None:
     big = {"zero_optimization": {"stage": 2}, "comment": "x" * (1024 * 1024)}
-    p = plan(parse_config({"deepspeed": big, "bf16": True}), Hardware(1, 1))
     with pytest.raises(
         ConfigError, match=r"^configmap ft-deepspeed: data is \d+ bytes, over the ConfigMap limit of 1 MiB"
     ):
-        render_checked(p, "configmaps", _options())
+        compiled({"deepspeed": big, "bf16": True}, "configmaps", nodes=1, gpus=1)
 
 
 def test_a_plan_carrying_a_rendezvous_variable_is_refused() -> None:
-    p = plan_example("fsdp2-gpu", 2, 4)
-    forged = type(p)(**{**p.__dict__, "env": (*p.env, EnvVar("MASTER_ADDR", "x", "forged"))})
-    with pytest.raises(OptimEnvError, match="MASTER_ADDR is a rendezvous variable"):
-        render_checked(forged, "pytorchjob", _options())
+    """The renderer's own guard, below compile(): no plan reaches a ConfigMap with a launcher's variable."""
+    job = compiled("fsdp2-gpu", "pytorchjob")
+    for name in ("MASTER_ADDR", "PET_NNODES", "OMPI_COMM_WORLD_RANK", "ACCELERATE_TORCH_DEVICE"):
+        forged = type(job.plan)(**{**job.plan.__dict__, "env": (*job.plan.env, EnvVar(name, "x", "forged"))})
+        request = Request("pytorchjob", "ft", "default", {}, target_of("pytorchjob"), job.launch, job.spec)
+        with pytest.raises(OptimEnvError, match=f"{name} is a rendezvous variable"):
+            render(forged, request)  # type: ignore[arg-type]
+
+
+def test_compile_needs_a_name_to_render() -> None:
+    """Without a name the job carries its plan, spec and size (a local run) and no objects."""
+    job = compile(config_of("zero3-gpu"), Topology(nodes=1, gpus_per_node=2), "rayjob")
+    assert job.objects == () and job.workers == 2 and job.hash == job.spec["hash"]
+    assert job.deepspeed_json is not None and json.loads(job.deepspeed_json) == job.plan.deepspeed

@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from optimenv.render import JobOptions, render
-from tests.render.conftest import plan_example
+from tests.render.conftest import compiled
 from tests.render.validators import CEL_RULES, ManifestError, Validator, strict
 
 Mutation = Callable[[dict[str, Any]], None]
@@ -17,9 +16,7 @@ Mutation = Callable[[dict[str, Any]], None]
 
 @pytest.fixture(scope="module")
 def jobs() -> dict[str, list[dict[str, Any]]]:
-    p = plan_example("zero3-gpu", 2, 4)
-    opts = JobOptions(name="ft", image="img:1", command=("python", "train.py"), nodes=2, gpus_per_node=4)
-    return {t: render(p, t, opts) for t in ("rayjob", "pytorchjob", "trainjob")}
+    return {t: compiled("zero3-gpu", t).manifests() for t in ("rayjob", "pytorchjob", "trainjob")}
 
 
 def _worker(o: dict[str, Any]) -> dict[str, Any]:

@@ -22,8 +22,7 @@ from typing import Any
 
 import pytest
 
-from optimenv import Hardware, load_config, plan
-from optimenv.render import JobOptions, render
+from optimenv import JobSpec, Topology, compile, load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 OPTIMENV = [sys.executable, "-c", "from optimenv.cli import main; main()"]
@@ -83,7 +82,7 @@ def test_ray_workers_on_two_nodes(two_ray_nodes: str) -> None:
         (0, 0, 0, 2),
         (1, 1, 0, 2),
     ]
-    planned = plan(load_config(CONFIG), Hardware(nodes=1, gpus_per_node=2)).env_dict
+    planned = compile(load_config(CONFIG), Topology(nodes=1, gpus_per_node=2), "rayjob").env
     for worker in workers:
         assert {k: worker["applied"].get(k) for k in planned} == planned
         assert worker["effective"]["mode"] == "MULTI_CPU"
@@ -130,9 +129,9 @@ def test_pytorchjob_of_two_pods(tmp_path: Path) -> None:
     script, out = tmp_path / "report.py", tmp_path / "out"
     script.write_text(_REPORTER)
     out.mkdir()
-    result = plan(load_config(CONFIG), Hardware(nodes=2, gpus_per_node=1))
-    options = JobOptions(name="two-pods", image="local", command=("python", str(script), str(out)), nodes=2)
-    objects = render(result, "pytorchjob", options)
+    job = JobSpec(target="pytorchjob", image="local", command=["python", str(script), str(out)])
+    result = compile(load_config(CONFIG), Topology(nodes=2, gpus_per_node=1), job, name="two-pods")
+    objects = result.manifests()
     pod = _bench_pod()
     port = _free_port()
     procs = []
@@ -159,7 +158,7 @@ def test_pytorchjob_of_two_pods(tmp_path: Path) -> None:
     for r in reports:
         assert (r["distributed_type"], r["num_processes"], r["process_index"]) == ("MULTI_CPU", 2, r["rank"])
         assert r["sum_over_ranks"] == 3.0  # 1 + 2: the two pods trained as one group
-        assert {k: r["env"].get(k) for k in result.env_dict} == result.env_dict
+        assert {k: r["env"].get(k) for k in result.env} == result.env
     assert reports[0]["env"] == reports[1]["env"]
 
 

@@ -16,23 +16,14 @@ from typing import Any, Literal, NamedTuple
 from optimenv import limits
 from optimenv.bootstrap import _probe
 from optimenv.errors import OptimEnvError, shown
-from optimenv.spec import DEFERRED_KINDS, SPEC_ENV, SPEC_PATH, SpecError, verify_spec
-
-#: Set by the launcher (torchrun, the operators, Ray Train): the bootstrap never writes these,
-#: except the single-GPU DeepSpeed defaults, and those only where nothing is set.
-RENDEZVOUS = frozenset(
-    {
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "NODE_RANK",
-        "GROUP_RANK",
-        "ACCELERATE_TORCH_DEVICE",
-        "CUDA_VISIBLE_DEVICES",
-    }
+from optimenv.spec import (
+    DEFERRED_KINDS,
+    LAUNCHER_VARIABLES,
+    SPEC_ENV,
+    SPEC_PATH,
+    SpecError,
+    set_by_launcher,
+    verify_spec,
 )
 
 # transformers keeps only a weakref to its DeepSpeed config; these strong references keep
@@ -328,7 +319,7 @@ def _parse(doc: Mapping[str, Any]) -> tuple[list[_Want], list[dict[str, Any]]]:
             raise SpecError(f"spec.env[{i}]: must be {{name, value, source, mode: set|default}} strings")
         name = entry["name"]
         _check_variable(f"spec.env[{i}]", name, entry["value"])
-        if name in RENDEZVOUS or name.startswith("PET_"):
+        if set_by_launcher(name):
             raise SpecError(
                 f"spec.env[{i}]: {limits.key_text(name)} is a rendezvous variable that only the launcher "
                 "sets; remove it from the spec"
@@ -459,6 +450,8 @@ def _json_text(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# Over 60 lines: one branch per deferred kind, kept together until each kind gets one typed definition
+# shared with the planner (issue 17, phase B), which splits this dispatch.
 def _decide(
     step: Mapping[str, Any], environ: Mapping[str, str], *, ds_path: str | None, in_process: bool
 ) -> tuple[Decision, list[_Want]]:
@@ -492,14 +485,11 @@ def _decide(
 
     if kind == "torch_compile_auto":
         var = str(variable or "ACCELERATE_DYNAMO_BACKEND")
-        version = _probe.installed_version("torch")
-        minimum = str(detail.get("min_torch", "0"))
-        if version is None:
-            return Decision(kind, var, None, "torch is not installed: torch_compile stays off"), []
-        if _probe.version_tuple(version) < _probe.version_tuple(minimum):
-            return Decision(kind, var, None, f"torch {version} < {minimum}: torch_compile stays off"), []
+        new_enough, why = _probe.torch_at_least(str(detail.get("min_torch", "0")))
+        if not new_enough:
+            return Decision(kind, var, None, f"{why}: torch_compile stays off"), []
         value = str(detail["value"])
-        return Decision(kind, var, value, f"torch {version} >= {minimum}"), [_Want(var, value, source, "set")]
+        return Decision(kind, var, value, why), [_Want(var, value, source, "set")]
 
     if kind == "require_fp8":
         capability, why = _probe.min_compute_capability(environ)
@@ -512,7 +502,7 @@ def _decide(
 
     if kind == "single_gpu_rendezvous_defaults":
         defaults = detail.get("defaults")
-        if not isinstance(defaults, dict) or not set(defaults) <= RENDEZVOUS:
+        if not isinstance(defaults, dict) or not set(defaults) <= LAUNCHER_VARIABLES:
             raise SpecError(
                 "spec.deferred: single_gpu_rendezvous_defaults.defaults must name rendezvous variables"
             )

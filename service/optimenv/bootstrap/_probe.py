@@ -155,16 +155,14 @@ def tensor_parallel_source_gap(accelerate_dir: Path, transformers_dir: Path) -> 
     return "imports ReplicateParallel from transformers.integrations.tensor_parallel"
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    """``2.5.1+cu124`` → ``(2, 5, 1)``, ``2.6.0rc1`` → ``(2, 6, 0)``."""
-    parts: list[int] = []
-    for piece in version.split("+")[0].split("."):
-        digits = ""
-        for ch in piece:
-            if not ch.isdigit():
-                break
-            digits += ch
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
+def torch_at_least(minimum: str) -> tuple[bool, str]:
+    """Whether the installed torch is ``minimum`` or later (a pre-release is not), and why."""
+    version = installed_version("torch")
+    if version is None:
+        return False, "torch is not installed"
+    from optimenv.versions import at_least  # packaging: imported only for specs that ask
+
+    newer = at_least(version, minimum)
+    if newer is None:
+        return False, f"torch {version} or the minimum {minimum} does not read as a version"
+    return newer, f"torch {version} {'>=' if newer else '<'} {minimum}"

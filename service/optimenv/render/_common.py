@@ -1,27 +1,19 @@
-"""Pieces every target shares: options, names, labels, the three ConfigMaps, volumes and mounts."""
+"""Pieces every target shares: the request, names, labels, the three ConfigMaps, volumes and mounts."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import Any
 
 from optimenv.errors import ConfigError, OptimEnvError, shown
-from optimenv.limits import key_text
+from optimenv.names import DNS1035_LABEL, DNS1123_LABEL
 from optimenv.plan import Plan, check_world_size
-from optimenv.spec import (
-    POLICIES,
-    SPEC_PATH,
-    Policy,
-    build_spec,
-    content_hash,
-    deepspeed_text,
-    spec_text,
-)
+from optimenv.render._objects import ConfigMap, ObjectMeta, PodMeta
+from optimenv.spec import SPEC_PATH, WorkerSpec, content_hash, deepspeed_text, set_by_launcher, spec_text
+from optimenv.workload import JobSpec, Launch, Target
 
-TARGETS = ("rayjob", "pytorchjob", "trainjob", "configmaps")
 CONTENT_HASH_ANNOTATION = "optimenv.dev/content-hash"
 BOOTSTRAP = ("optimenv-bootstrap", "--spec", SPEC_PATH, "--")
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -32,163 +24,38 @@ VOLUME_SPEC = "optimenv-spec"
 VOLUME_DEEPSPEED = "optimenv-deepspeed"
 VOLUME_SHM = "optimenv-shm"
 
-# Variables the operators or the launchers own; the plan must never carry them.
-RENDEZVOUS = frozenset(
-    {
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "NODE_RANK",
-        "GROUP_RANK",
-        "GROUP_WORLD_SIZE",
-    }
-)
-RESERVED_PREFIXES = ("PET_", "OMPI_", "TORCHELASTIC_")
+#: The ConfigMaps of a job, by the suffix their names get: ``<name>-env``, ``<name>-spec`` ...
+CONFIGMAP_SUFFIXES = ("env", "spec", "deepspeed")
 
-# Matched with fullmatch: "$" would also accept a trailing newline ("ft\n").
-_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
-_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 _CONFIGMAP_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 
 
-def _frozen_map(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    return MappingProxyType(dict(value or {}))
-
-
 @dataclass(frozen=True)
-class JobOptions:
-    """Everything about the job that is not in the training config.
+class Request:
+    """What the renderers take besides the plan, each piece already checked and derived once.
 
-    ``ray_workers`` is the number of Ray Train workers (the config's ``ray_num_workers``); by
-    default one per GPU of the RayJob's worker group.
+    ``labels`` go on every object (the job's own and the caller's, merged); ``job`` is ``None`` for
+    the ConfigMaps alone; ``launch`` is the job's size (``None``: unknown, ConfigMaps only).
     """
 
+    target: Target
     name: str
-    namespace: str = "default"
-    image: str | None = None
-    command: tuple[str, ...] = ()
-    nodes: int = 1
-    gpus_per_node: int = 1
-    service_account: str | None = None
-    node_selector: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    tolerations: tuple[Mapping[str, Any], ...] = ()
-    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    runtime: str | None = None
-    spec_policy: Policy = "plan-wins"
-    ray_workers: int | None = None
-
-    def __post_init__(self) -> None:
-        # Frozen: normalise through object.__setattr__ so callers may pass dicts and lists.
-        if isinstance(self.command, str):
-            raise ConfigError(
-                "command", "must be a list of arguments, not one string", "split it: ['python', 'x.py']"
-            )
-        for key in ("node_selector", "labels"):
-            if not isinstance(getattr(self, key), Mapping):
-                raise ConfigError(
-                    key, f"must be a mapping of strings, got {type(getattr(self, key)).__name__}"
-                )
-        object.__setattr__(self, "command", tuple(self.command))
-        object.__setattr__(
-            self, "tolerations", tuple(_toleration(i, t) for i, t in enumerate(self.tolerations))
-        )
-        object.__setattr__(self, "node_selector", _frozen_map(self.node_selector))
-        object.__setattr__(self, "labels", _frozen_map(self.labels))
-        for key in ("nodes", "gpus_per_node"):
-            _positive(key, getattr(self, key))
-        if self.ray_workers is not None:
-            _positive("ray_workers", self.ray_workers)
-        if self.spec_policy not in POLICIES:
-            raise ConfigError(
-                "spec_policy", f"must be one of {', '.join(POLICIES)}, got {shown(self.spec_policy)}"
-            )
-        if not isinstance(self.namespace, str) or not _is_label(self.namespace, _DNS1123_LABEL):
-            raise ConfigError(
-                "namespace",
-                f"{shown(self.namespace)} is not a DNS-1123 label",
-                "lowercase letters, digits and '-', at most 63 characters",
-            )
-        if self.image is not None and (
-            not isinstance(self.image, str)
-            or not self.image
-            or any(ch.isspace() or not ch.isprintable() for ch in self.image)
-        ):
-            raise ConfigError("image", f"{shown(self.image)} is not an image reference")
-        if self.service_account is not None and not _is_subdomain(self.service_account):
-            raise ConfigError("service_account", f"{shown(self.service_account)} is not a DNS-1123 subdomain")
-        if not all(isinstance(arg, str) for arg in self.command):
-            raise ConfigError("command", "every argument must be a string")
-        for key, value in self.node_selector.items():
-            _check_label("node_selector", key, value)
-        for key, value in self.labels.items():
-            _check_label("labels", key, value)
-        if self.runtime is not None and not _is_subdomain(self.runtime):
-            raise ConfigError("runtime", f"{shown(self.runtime)} is not a ClusterTrainingRuntime name")
+    namespace: str
+    labels: Mapping[str, str]
+    job: JobSpec | None
+    launch: Launch | None
+    spec: WorkerSpec
 
 
-_TOLERATION_KEYS = frozenset({"key", "operator", "value", "effect", "tolerationSeconds"})
+def object_name(name: str, suffix: str) -> str:
+    """The name of a rendered ConfigMap: ``<name>-<suffix>`` (``env``, ``spec``, ``deepspeed``)."""
+    return f"{name}-{suffix}"
 
 
-def _toleration(index: int, value: Any) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"tolerations[{index}]", f"must be a mapping, got {type(value).__name__}")
-    unknown = sorted(str(k) for k in value if k not in _TOLERATION_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"tolerations[{index}]",
-            f"unknown field(s) {', '.join(unknown)}",
-            f"use {', '.join(sorted(_TOLERATION_KEYS))}",
-        )
-    return _frozen_map(value)
-
-
-def _positive(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, f"must be a whole number >= 1, got {shown(value)}")
-
-
-def _is_label(value: str, pattern: re.Pattern[str]) -> bool:
-    return len(value) <= 63 and bool(pattern.fullmatch(value))
-
-
-def _is_subdomain(value: str) -> bool:
-    return isinstance(value, str) and len(value) <= 253 and bool(_DNS1123_SUBDOMAIN.fullmatch(value))
-
-
-def _check_label(where: str, key: Any, value: Any) -> None:
-    if not isinstance(key, str) or not isinstance(value, str):
-        raise ConfigError(f"{where}", f"keys and values must be strings, got {shown(key)}: {shown(value)}")
-    prefix, _, name = key.rpartition("/")
-    if (prefix and not _is_subdomain(prefix)) or len(name) > 63 or not _LABEL_NAME.fullmatch(name):
-        raise ConfigError(
-            f"{where}.{key_text(key)}",
-            "is not a valid label key",
-            "[prefix/]name, name at most 63 of [-A-Za-z0-9_.]",
-        )
-    if len(value) > 63 or not _LABEL_VALUE.fullmatch(value):
-        raise ConfigError(
-            f"{where}.{key_text(key)}",
-            f"{shown(value)} is not a valid label value",
-            "at most 63 of [-A-Za-z0-9_.]",
-        )
-
-
-def object_name(options: JobOptions, suffix: str) -> str:
-    """The name of a rendered object: ``<name>-<suffix>`` (``env``, ``spec``, ``deepspeed``)."""
-    return f"{options.name}-{suffix}"
-
-
-def check_name(target: str, options: JobOptions, limit: int, why: str) -> None:
+def check_name(target: Target, name: Any, limit: int, why: str) -> None:
     """Job targets need a DNS-1035 label (starts with a letter); ``configmaps`` a DNS-1123 label."""
-    name = options.name
     dns1035 = target != "configmaps"
-    pattern = _DNS1035_LABEL if dns1035 else _DNS1123_LABEL
+    pattern = DNS1035_LABEL if dns1035 else DNS1123_LABEL
     kind = "DNS-1035" if dns1035 else "DNS-1123"
     if not isinstance(name, str) or not pattern.fullmatch(name):
         start = "start with a lowercase letter, " if dns1035 else ""
@@ -205,23 +72,23 @@ def check_name(target: str, options: JobOptions, limit: int, why: str) -> None:
         )
 
 
-def labels(options: JobOptions, component: str) -> dict[str, str]:
+def labels(request: Request, component: str) -> dict[str, str]:
     ours = {
         "app.kubernetes.io/component": component,
-        "app.kubernetes.io/instance": options.name,
+        "app.kubernetes.io/instance": request.name,
         "app.kubernetes.io/managed-by": "optimenv",
         "app.kubernetes.io/part-of": "optimenv",
     }
-    return dict(sorted({**ours, **options.labels}.items()))
+    return dict(sorted({**ours, **request.labels}.items()))
 
 
 def metadata(
-    options: JobOptions, name: str, component: str, annotations: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    meta: dict[str, Any] = {
+    request: Request, name: str, component: str, annotations: Mapping[str, str] | None = None
+) -> ObjectMeta:
+    meta: ObjectMeta = {
         "name": name,
-        "namespace": options.namespace,
-        "labels": labels(options, component),
+        "namespace": request.namespace,
+        "labels": labels(request, component),
     }
     if annotations:
         meta["annotations"] = dict(sorted(annotations.items()))
@@ -231,7 +98,7 @@ def metadata(
 def check_plan_env(plan: Plan) -> None:
     """The plan carries Accelerate's variables only; rendezvous belongs to the operators."""
     for var in plan.env:
-        if var.name in RENDEZVOUS or var.name.startswith(RESERVED_PREFIXES):
+        if set_by_launcher(var.name):
             raise OptimEnvError(
                 f"plan: {var.name} is a rendezvous variable the operator or launcher sets; "
                 "it must not be planned"
@@ -251,7 +118,7 @@ def check_parallelism(plan: Plan, world: int, what: str) -> None:
 class ConfigMaps:
     """The rendered ConfigMaps and what pods need to consume them."""
 
-    objects: tuple[dict[str, Any], ...]
+    objects: tuple[ConfigMap, ...]
     env_name: str
     spec_name: str
     deepspeed_name: str | None
@@ -260,7 +127,7 @@ class ConfigMaps:
     combined_hash: str
 
 
-def configmaps(plan: Plan, options: JobOptions) -> ConfigMaps:
+def configmaps(plan: Plan, request: Request) -> ConfigMaps:
     check_plan_env(plan)
     ds_path = plan.deepspeed_path
     if ds_path is not None and (
@@ -276,20 +143,18 @@ def configmaps(plan: Plan, options: JobOptions) -> ConfigMaps:
             f"{shown(ds_path)} collides with the spec file {SPEC_PATH} or /dev/shm",
             "give a file path such as /etc/optimenv/deepspeed.json",
         )
-    objects: list[dict[str, Any]] = []
     env_data = {v.name: v.value for v in sorted(plan.env, key=lambda v: v.name)}
-    objects.append(_configmap(options, "env", env_data))
+    objects = [_configmap(request, "env", env_data)]
     ds_name = None
     if plan.deepspeed is not None:
-        ds_name = object_name(options, "deepspeed")
-        objects.append(_configmap(options, "deepspeed", {"deepspeed.json": deepspeed_text(plan.deepspeed)}))
-    spec = build_spec(plan, policy=options.spec_policy)
-    objects.append(_configmap(options, "spec", {"spec.json": spec_text(spec)}))
+        ds_name = object_name(request.name, "deepspeed")
+        objects.append(_configmap(request, "deepspeed", {"deepspeed.json": deepspeed_text(plan.deepspeed)}))
+    objects.append(_configmap(request, "spec", {"spec.json": spec_text(request.spec)}))
     hashes = {o["metadata"]["name"]: o["metadata"]["annotations"][CONTENT_HASH_ANNOTATION] for o in objects}
     return ConfigMaps(
         objects=tuple(objects),
-        env_name=object_name(options, "env"),
-        spec_name=object_name(options, "spec"),
+        env_name=object_name(request.name, "env"),
+        spec_name=object_name(request.name, "spec"),
         deepspeed_name=ds_name,
         deepspeed_path=plan.deepspeed_path if ds_name else None,
         planned=tuple(env_data),
@@ -297,8 +162,8 @@ def configmaps(plan: Plan, options: JobOptions) -> ConfigMaps:
     )
 
 
-def _configmap(options: JobOptions, suffix: str, data: dict[str, str]) -> dict[str, Any]:
-    name = object_name(options, suffix)
+def _configmap(request: Request, suffix: str, data: dict[str, str]) -> ConfigMap:
+    name = object_name(request.name, suffix)
     size = sum(len(value.encode("utf-8")) for value in data.values())
     if size > MAX_CONFIGMAP_BYTES:
         raise ConfigError(
@@ -311,7 +176,7 @@ def _configmap(options: JobOptions, suffix: str, data: dict[str, str]) -> dict[s
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": metadata(options, name, "config", {CONTENT_HASH_ANNOTATION: content_hash(data)}),
+        "metadata": metadata(request, name, "config", {CONTENT_HASH_ANNOTATION: content_hash(data)}),
         "data": data,
     }
 
@@ -345,21 +210,21 @@ def volume_mounts(cms: ConfigMaps, *, shm: bool) -> list[dict[str, Any]]:
     return out
 
 
-def pod_spec_extras(options: JobOptions) -> dict[str, Any]:
+def pod_spec_extras(job: JobSpec) -> dict[str, Any]:
     """Service account, node selector and tolerations, passed through as given."""
     extra: dict[str, Any] = {}
-    if options.service_account:
-        extra["serviceAccountName"] = options.service_account
-    if options.node_selector:
-        extra["nodeSelector"] = dict(sorted(options.node_selector.items()))
-    if options.tolerations:
-        extra["tolerations"] = [dict(t) for t in options.tolerations]
+    if job.service_account:
+        extra["serviceAccountName"] = job.service_account
+    if job.node_selector:
+        extra["nodeSelector"] = dict(sorted(job.node_selector.items()))
+    if job.tolerations:
+        extra["tolerations"] = [dict(t) for t in job.tolerations]
     return extra
 
 
-def pod_metadata(options: JobOptions, cms: ConfigMaps, component: str) -> dict[str, Any]:
+def pod_metadata(request: Request, cms: ConfigMaps, component: str) -> PodMeta:
     return {
-        "labels": labels(options, component),
+        "labels": labels(request, component),
         "annotations": {CONTENT_HASH_ANNOTATION: cms.combined_hash},
     }
 
@@ -368,17 +233,25 @@ def gpu_resources(gpus: int) -> dict[str, Any]:
     return {"limits": {GPU_RESOURCE: gpus}}
 
 
-def require_image(options: JobOptions, target: str) -> str:
-    if not options.image:
+def require_job(request: Request, target: Target) -> JobSpec:
+    """The job to render; a job target without a :class:`JobSpec` has no image to run."""
+    if request.job is None:
         raise ConfigError("image", f"is required for the {target} target", "pass --image REGISTRY/IMAGE:TAG")
-    return options.image
+    return request.job
+
+
+def job_size(request: Request) -> Launch:
+    """The size of a job target: always known (:meth:`Topology.launch` takes 1 for an unknown size)."""
+    if request.launch is None:
+        raise ValueError(f"{request.target}: rendered without a size; use optimenv.compile()")
+    return request.launch
 
 
 _LAUNCHERS = ("torchrun", "accelerate", "deepspeed", "mpirun", "mpiexec", "ray")
 
 
-def require_command(options: JobOptions, target: str) -> tuple[str, ...]:
-    command = options.command
+def require_command(job: JobSpec, target: Target) -> tuple[str, ...]:
+    command = tuple(job.command)
     if not command or not command[0]:
         raise ConfigError(
             "command",

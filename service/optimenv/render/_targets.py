@@ -1,4 +1,4 @@
-"""One function per target: Plan + JobOptions → the job object (ConfigMaps come from ``_common``).
+"""One function per target: Plan + Request → the job object (ConfigMaps come from ``_common``).
 
 What each operator injects, and so what is left to us, is in ``docs/targets.md``: PyTorchJob and
 Trainer's torch runtime set ``PET_*`` that ``torchrun`` reads, so the launch command names no
@@ -17,26 +17,28 @@ from optimenv.plan import Plan
 from optimenv.render._common import (
     BOOTSTRAP,
     ConfigMaps,
-    JobOptions,
+    Request,
     check_name,
     check_parallelism,
     gpu_resources,
+    job_size,
     metadata,
     pod_metadata,
     pod_spec_extras,
     require_command,
-    require_image,
+    require_job,
     volume_mounts,
     volumes,
 )
+from optimenv.render._objects import PodTemplate, PyTorchJob, RayJob, ReplicaSpec, TrainJob
 from optimenv.spec import SPEC_ENV, SPEC_PATH
+from optimenv.workload import JOB_KINDS, JobSpec
 
 # ---------------------------------------------------------------------------------------------
 # Name budgets (operators-env.md §0.1, §1.1, §3.2, §4.1)
 
 RAYJOB_NAME_MAX = 47  # KubeRay MaxRayJobNameLength: 53 - len("-xxxxx") for the cluster name
 POD_NAME_MAX = 63  # pods named after Services / JobSet pods must stay DNS-1123 labels
-TRAINER_API = "trainer.kubeflow.org/v1alpha1"
 PATCH_MANAGER = "optimenv.dev/render"
 TORCH_RUNTIME = "torch-distributed"
 MPI_RUNTIME = "deepspeed-distributed"
@@ -59,43 +61,35 @@ def _env(cms: ConfigMaps) -> dict[str, Any]:
 # RayJob (ray.io/v1, KubeRay 1.7)
 
 
-def rayjob(plan: Plan, options: JobOptions, cms: ConfigMaps) -> dict[str, Any]:
-    check_name("rayjob", options, RAYJOB_NAME_MAX, "KubeRay appends a 6-character cluster suffix")
-    image = require_image(options, "rayjob")
-    script = _ray_script(require_command(options, "rayjob"))
-    gpus = options.nodes * options.gpus_per_node
-    workers = options.ray_workers or gpus
-    if workers > gpus:
-        raise ConfigError(
-            "ray_num_workers",
-            f"{workers} Ray Train workers need {workers} GPUs (one each), the RayJob has {gpus} "
-            f"({options.nodes} node(s) x {options.gpus_per_node})",
-            "raise --nodes / --gpus-per-node or lower ray_num_workers",
-        )
+def rayjob(plan: Plan, request: Request, cms: ConfigMaps) -> RayJob:
+    check_name("rayjob", request.name, RAYJOB_NAME_MAX, "KubeRay appends a 6-character cluster suffix")
+    job, launch = require_job(request, "rayjob"), job_size(request)
+    script = _ray_script(require_command(job, "rayjob"))
+    workers = launch.processes  # Topology.launch: one GPU each, never more than the GPUs
     check_parallelism(plan, workers, f"{workers} Ray Train workers")
     entrypoint = shlex.join(
         ["optimenv", "ray-launch", "--spec", SPEC_PATH, "--workers", str(workers), *script]
     )
 
-    def template(role: str, gpus_per_pod: int) -> dict[str, Any]:
+    def template(role: str, gpus_per_pod: int) -> PodTemplate:
         # The Ray container must be containers[0]; KubeRay adds /dev/shm and the ray start command.
-        container: dict[str, Any] = {"name": f"ray-{role}", "image": image, **_env(cms)}
+        container: dict[str, Any] = {"name": f"ray-{role}", "image": job.image, **_env(cms)}
         if gpus_per_pod:
             container["resources"] = gpu_resources(gpus_per_pod)
         container["volumeMounts"] = volume_mounts(cms, shm=False)
         return {
-            "metadata": pod_metadata(options, cms, f"ray-{role}"),
+            "metadata": pod_metadata(request, cms, f"ray-{role}"),
             "spec": {
                 "containers": [container],
                 "volumes": volumes(cms, shm=False),
-                **pod_spec_extras(options),
+                **pod_spec_extras(job),
             },
         }
 
     return {
-        "apiVersion": "ray.io/v1",
+        "apiVersion": JOB_KINDS["rayjob"].api_version,
         "kind": "RayJob",
-        "metadata": metadata(options, options.name, "training"),
+        "metadata": metadata(request, request.name, "training"),
         "spec": {
             "entrypoint": entrypoint,
             "shutdownAfterJobFinishes": True,
@@ -108,11 +102,11 @@ def rayjob(plan: Plan, options: JobOptions, cms: ConfigMaps) -> dict[str, Any]:
                 "workerGroupSpecs": [
                     {
                         "groupName": "gpu",
-                        "replicas": options.nodes,
-                        "minReplicas": options.nodes,
-                        "maxReplicas": options.nodes,
+                        "replicas": launch.nodes,
+                        "minReplicas": launch.nodes,
+                        "maxReplicas": launch.nodes,
                         "rayStartParams": {},
-                        "template": template("worker", options.gpus_per_node),
+                        "template": template("worker", launch.gpus_per_node),
                     }
                 ],
             },
@@ -138,26 +132,27 @@ def _ray_script(command: tuple[str, ...]) -> tuple[str, ...]:
 # PyTorchJob (kubeflow.org/v1, Training Operator 1.9)
 
 
-def pytorchjob(plan: Plan, options: JobOptions, cms: ConfigMaps) -> dict[str, Any]:
+def pytorchjob(plan: Plan, request: Request, cms: ConfigMaps) -> PyTorchJob:
+    launch = job_size(request)
     # Every pod gets a headless Service named like it: <name>-master-0, <name>-worker-<i>.
-    longest = "-master-0" if options.nodes == 1 else f"-worker-{options.nodes - 2}"
-    check_name("pytorchjob", options, POD_NAME_MAX - len(longest), f"its pods and Services add {longest!r}")
-    image = require_image(options, "pytorchjob")
-    command = require_command(options, "pytorchjob")
-    check_parallelism(
-        plan, options.nodes * options.gpus_per_node, f"{options.nodes} node(s) x {options.gpus_per_node}"
+    longest = "-master-0" if launch.nodes == 1 else f"-worker-{launch.nodes - 2}"
+    check_name(
+        "pytorchjob", request.name, POD_NAME_MAX - len(longest), f"its pods and Services add {longest!r}"
     )
+    job = require_job(request, "pytorchjob")
+    command = require_command(job, "pytorchjob")
+    check_parallelism(plan, launch.processes, f"{launch.nodes} node(s) x {launch.gpus_per_node}")
 
-    def replica(role: str, replicas: int) -> dict[str, Any]:
+    def replica(role: str, replicas: int) -> ReplicaSpec:
         container = {
             "name": "pytorch",  # the operator's webhook requires this name
-            "image": image,
+            "image": job.image,
             # torchrun takes --nnodes/--nproc-per-node/--node-rank/--master-addr/--master-port from
             # the PET_* the operator injects, and gives each child RANK, LOCAL_RANK, WORLD_SIZE.
             "command": [*BOOTSTRAP, *TORCHRUN, *command],
             "ports": [{"name": "pytorchjob-port", "containerPort": PYTORCHJOB_PORT, "protocol": "TCP"}],
             **_env(cms),
-            "resources": gpu_resources(options.gpus_per_node),
+            "resources": gpu_resources(launch.gpus_per_node),
             "volumeMounts": volume_mounts(cms, shm=True),
         }
         return {
@@ -165,23 +160,23 @@ def pytorchjob(plan: Plan, options: JobOptions, cms: ConfigMaps) -> dict[str, An
             # Only the failed pod would be recreated and the others hang in NCCL: fail the job instead.
             "restartPolicy": "Never",
             "template": {
-                "metadata": pod_metadata(options, cms, f"pytorch-{role.lower()}"),
+                "metadata": pod_metadata(request, cms, f"pytorch-{role.lower()}"),
                 "spec": {
                     "containers": [container],
                     "volumes": volumes(cms, shm=True),
-                    **pod_spec_extras(options),
+                    **pod_spec_extras(job),
                 },
             },
         }
 
     specs = {"Master": replica("Master", 1)}
-    if options.nodes > 1:
-        specs["Worker"] = replica("Worker", options.nodes - 1)
+    if launch.nodes > 1:
+        specs["Worker"] = replica("Worker", launch.nodes - 1)
     return {
-        "apiVersion": "kubeflow.org/v1",
+        "apiVersion": JOB_KINDS["pytorchjob"].api_version,
         "kind": "PyTorchJob",
-        "metadata": metadata(options, options.name, "training"),
-        "spec": {"nprocPerNode": str(options.gpus_per_node), "pytorchReplicaSpecs": specs},
+        "metadata": metadata(request, request.name, "training"),
+        "spec": {"nprocPerNode": str(launch.gpus_per_node), "pytorchReplicaSpecs": specs},
     }
 
 
@@ -201,82 +196,39 @@ MPI_LAUNCH_SCRIPT = (
 )
 
 
-def trainjob(plan: Plan, options: JobOptions, cms: ConfigMaps) -> dict[str, Any]:
-    runtime = options.runtime or (MPI_RUNTIME if plan.deepspeed is not None else TORCH_RUNTIME)
+def trainjob(plan: Plan, request: Request, cms: ConfigMaps) -> TrainJob:
+    launch = job_size(request)
+    runtime = (request.job and request.job.runtime) or (
+        MPI_RUNTIME if plan.deepspeed is not None else TORCH_RUNTIME
+    )
     mpi = runtime == MPI_RUNTIME
     # JobSet pods are <name>-<replicatedJob>-<jobIndex>-<podIndex>-<5 random>.
-    budgets = [("node", options.nodes - 1 - (1 if mpi else 0))]
+    budgets = [("node", launch.nodes - 1 - (1 if mpi else 0))]
     if mpi:
         budgets.append(("launcher", 0))
-    longest = max((f"-{job}-0-{max(idx, 0)}-xxxxx" for job, idx in budgets), key=len)
-    check_name("trainjob", options, POD_NAME_MAX - len(longest), f"JobSet pod names add {len(longest)}")
-    image = require_image(options, "trainjob")
-    command = require_command(options, "trainjob")
-    processes = options.nodes * options.gpus_per_node
-    check_parallelism(plan, processes, f"{options.nodes} node(s) x {options.gpus_per_node}")
-
-    if mpi:
-        launch = [
-            "sh",
-            "-c",
-            MPI_LAUNCH_SCRIPT.format(port=MPI_MASTER_PORT, np=processes),
-            "optimenv-mpi-launch",
-            "sh",
-            "-c",
-            MPI_RANK_SCRIPT,
-            "optimenv-mpi-rank",
-            *BOOTSTRAP,
-            *command,
-        ]
-    else:
-        launch = [*BOOTSTRAP, *TORCHRUN, *command]
-
-    # trainer.env has no envFrom: reference the env ConfigMap key by key (never PET_*, at most 128).
-    env: list[dict[str, Any]] = [{"name": SPEC_ENV, "value": SPEC_PATH}]
-    env += [
-        {"name": key, "valueFrom": {"configMapKeyRef": {"name": cms.env_name, "key": key}}}
-        for key in cms.planned
-    ]
-    if len(env) > 128:
-        raise ConfigError("env", f"{len(env)} variables; a TrainJob's trainer.env takes at most 128")
-
-    # Volumes, mounts and pod settings reach the pods only through runtimePatches.
-    jobs = ["launcher", "node"] if mpi else ["node"]
-    patched = [
-        {
-            "name": job,
-            "template": {
-                "spec": {
-                    "template": {
-                        "metadata": pod_metadata(options, cms, f"trainjob-{job}"),
-                        "spec": {
-                            "containers": [{"name": "node", "volumeMounts": volume_mounts(cms, shm=True)}],
-                            "volumes": volumes(cms, shm=True),
-                            **pod_spec_extras(options),
-                        },
-                    }
-                }
-            },
-        }
-        for job in jobs
-    ]
+    longest = max((f"-{name}-0-{max(idx, 0)}-xxxxx" for name, idx in budgets), key=len)
+    check_name("trainjob", request.name, POD_NAME_MAX - len(longest), f"JobSet pod names add {len(longest)}")
+    job = require_job(request, "trainjob")
+    command = require_command(job, "trainjob")
+    check_parallelism(plan, launch.processes, f"{launch.nodes} node(s) x {launch.gpus_per_node}")
+    patched = [_patched_job(name, request, job, cms) for name in (["launcher", "node"] if mpi else ["node"])]
     return {
-        "apiVersion": TRAINER_API,
+        "apiVersion": JOB_KINDS["trainjob"].api_version,
         "kind": "TrainJob",
-        "metadata": metadata(options, options.name, "training"),
+        "metadata": metadata(request, request.name, "training"),
         "spec": {
             "runtimeRef": {
-                "apiGroup": "trainer.kubeflow.org",
+                "apiGroup": JOB_KINDS["trainjob"].group,
                 "kind": "ClusterTrainingRuntime",
                 "name": runtime,
             },
             "trainer": {
-                "image": image,
-                "command": launch,
-                "env": env,
-                "numNodes": options.nodes,
-                "numProcPerNode": options.gpus_per_node,
-                "resourcesPerNode": gpu_resources(options.gpus_per_node),
+                "image": job.image,
+                "command": _trainjob_command(command, launch.processes, mpi=mpi),
+                "env": _trainer_env(cms),
+                "numNodes": launch.nodes,
+                "numProcPerNode": launch.gpus_per_node,
+                "resourcesPerNode": gpu_resources(launch.gpus_per_node),
             },
             "runtimePatches": [
                 {
@@ -284,5 +236,53 @@ def trainjob(plan: Plan, options: JobOptions, cms: ConfigMaps) -> dict[str, Any]
                     "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": patched}}},
                 }
             ],
+        },
+    }
+
+
+def _trainjob_command(command: tuple[str, ...], processes: int, *, mpi: bool) -> list[str]:
+    if not mpi:
+        return [*BOOTSTRAP, *TORCHRUN, *command]
+    return [
+        "sh",
+        "-c",
+        MPI_LAUNCH_SCRIPT.format(port=MPI_MASTER_PORT, np=processes),
+        "optimenv-mpi-launch",
+        "sh",
+        "-c",
+        MPI_RANK_SCRIPT,
+        "optimenv-mpi-rank",
+        *BOOTSTRAP,
+        *command,
+    ]
+
+
+def _trainer_env(cms: ConfigMaps) -> list[dict[str, Any]]:
+    """trainer.env has no envFrom: reference the env ConfigMap key by key (never PET_*, at most 128)."""
+    env: list[dict[str, Any]] = [{"name": SPEC_ENV, "value": SPEC_PATH}]
+    env += [
+        {"name": key, "valueFrom": {"configMapKeyRef": {"name": cms.env_name, "key": key}}}
+        for key in cms.planned
+    ]
+    if len(env) > 128:
+        raise ConfigError("env", f"{len(env)} variables; a TrainJob's trainer.env takes at most 128")
+    return env
+
+
+def _patched_job(name: str, request: Request, job: JobSpec, cms: ConfigMaps) -> dict[str, Any]:
+    """Volumes, mounts and pod settings reach the pods only through runtimePatches."""
+    return {
+        "name": name,
+        "template": {
+            "spec": {
+                "template": {
+                    "metadata": pod_metadata(request, cms, f"trainjob-{name}"),
+                    "spec": {
+                        "containers": [{"name": "node", "volumeMounts": volume_mounts(cms, shm=True)}],
+                        "volumes": volumes(cms, shm=True),
+                        **pod_spec_extras(job),
+                    },
+                }
+            }
         },
     }

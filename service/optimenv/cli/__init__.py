@@ -1,42 +1,109 @@
-"""The ``optimenv`` command line. stdout carries data only; messages go to stderr."""
+"""The ``optimenv`` command line, the one layer that imports click commands together.
+
+stdout carries data only; messages go to stderr. Every command module lives in this package; the
+planner, renderers and bootstrap below it never import it (pyproject.toml [tool.importlinter]).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import importlib.metadata
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import click
 import yaml
 
-from optimenv.config import MAX_CONFIG_BYTES, TrainingConfig, load_config
-from optimenv.errors import ConfigError, OptimEnvError
-from optimenv.limits import read_stream
-from optimenv.plan import DEFAULT_DEEPSPEED_PATH, Hardware, Plan, plan
-from optimenv.spec import POLICIES
+from optimenv.cli._common import (
+    hardware_from,
+    hardware_options,
+    read_config,
+    spec_policy_option,
+    topology_from,
+    topology_options,
+)
+from optimenv.errors import OptimEnvError
+from optimenv.plan import Plan, plan
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-# Subcommands that live in other modules, imported only when used: (module, attribute, the extra
-# of pyproject.toml they need, None for the base install).
-_LAZY: dict[str, tuple[str, str, str | None]] = {
-    "render": ("optimenv.render.cli", "render_command", None),
-    "spec": ("optimenv.spec_cli", "spec_command", None),
-    "crd": ("optimenv.resource", "crd_command", None),
-    "ray-launch": ("optimenv.bootstrap.ray_launch", "ray_launch_command", "run"),
-    "run": ("optimenv.local_run", "run_command", "run"),
-    "controller": ("optimenv_controller.main", "controller_command", "controller"),
-}
+__all__ = [
+    "cli",
+    "hardware_from",
+    "hardware_options",
+    "main",
+    "read_config",
+    "spec_policy_option",
+    "topology_from",
+    "topology_options",
+]
 
 
 class MissingExtraError(OptimEnvError):
     """A command whose optional dependencies (an extra of the package) are not installed."""
+
+
+def _render() -> click.Command:
+    from optimenv.cli.render import render_command
+
+    return render_command
+
+
+def _spec() -> click.Command:
+    from optimenv.cli.spec import spec_command
+
+    return spec_command
+
+
+def _crd() -> click.Command:
+    from optimenv.resource import crd_command
+
+    return crd_command
+
+
+def _ray_launch() -> click.Command:
+    from optimenv.cli.ray_launch import ray_launch_command
+
+    return ray_launch_command
+
+
+def _run() -> click.Command:
+    from optimenv.cli.run import run_command
+
+    return run_command
+
+
+#: The group that packages beside optimenv register their commands in (pyproject.toml
+#: [project.entry-points]): the controller, whose package optimenv itself never imports.
+COMMAND_GROUP = "optimenv.commands"
+
+
+def _registered(name: str) -> Callable[[], click.Command]:
+    def load() -> click.Command:
+        found = importlib.metadata.entry_points(group=COMMAND_GROUP, name=name)
+        if not found:
+            raise MissingExtraError(
+                f"optimenv {name} is not registered in this installation; reinstall optimenv from its "
+                "checkout: pip install -c constraints.txt -e '.[controller]'"
+            )
+        command = next(iter(found)).load()
+        assert isinstance(command, click.Command)
+        return command
+
+    return load
+
+
+# Subcommands imported only when used: how to load each, and the extra of pyproject.toml it needs
+# (None for the base install).
+_LAZY: dict[str, tuple[Callable[[], click.Command], str | None]] = {
+    "render": (_render, None),
+    "spec": (_spec, None),
+    "crd": (_crd, None),
+    "ray-launch": (_ray_launch, "run"),
+    "run": (_run, "run"),
+    "controller": (_registered("controller"), "controller"),
+}
 
 
 class _Group(click.Group):
@@ -46,14 +113,12 @@ class _Group(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in _LAZY:
             return super().get_command(ctx, cmd_name)
-        module_name, attr, extra = _LAZY[cmd_name]
+        load, extra = _LAZY[cmd_name]
         missing = missing_requirements(extra) if extra else []
         if missing:
             assert extra is not None
             return _needs_extra(cmd_name, extra, missing)
-        command = getattr(importlib.import_module(module_name), attr)
-        assert isinstance(command, click.Command)
-        return command
+        return load()
 
 
 def missing_requirements(extra: str) -> list[str]:
@@ -97,79 +162,6 @@ def _needs_extra(name: str, extra: str, missing: list[str]) -> click.Command:
         add_help_option=False,
         short_help=f"(not installed: needs the {extra!r} extra)",
     )
-
-
-def _yes_no(value: str | None) -> bool | None:
-    return None if value is None else value == "yes"
-
-
-def topology_options(func: F) -> F:
-    """``--nodes``, ``--gpus-per-node``, ``--bf16-supported`` … shared by plan, render and spec."""
-    options = [
-        click.option("--nodes", type=click.IntRange(min=1), help="Number of nodes (unknown: leave out)."),
-        click.option("--gpus-per-node", type=click.IntRange(min=1), help="GPUs (processes) per node."),
-        click.option(
-            "--bf16-supported",
-            type=click.Choice(["yes", "no"]),
-            help="Whether the GPUs support bf16; unknown leaves bf16: auto to the worker.",
-        ),
-        click.option(
-            "--fp8-supported", type=click.Choice(["yes", "no"]), help="Whether the GPUs support fp8."
-        ),
-        click.option("--torch-version", help="torch version of the worker image (for torch_compile: auto)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def hardware_options(func: F) -> F:
-    """:func:`topology_options` and ``--deepspeed-path`` (the path mounted in pods)."""
-    func = click.option(
-        "--deepspeed-path",
-        default=DEFAULT_DEEPSPEED_PATH,
-        show_default=True,
-        help="Where the DeepSpeed JSON is mounted on the workers.",
-    )(func)
-    return topology_options(func)
-
-
-#: ``--spec-policy``, shared by render and spec.
-spec_policy_option = click.option(
-    "--spec-policy",
-    type=click.Choice(POLICIES),
-    default="plan-wins",
-    show_default=True,
-    help="Who wins on the worker when a planned variable is already set.",
-)
-
-
-def hardware_from(kwargs: dict[str, Any]) -> Hardware:
-    return Hardware(
-        nodes=kwargs.get("nodes"),
-        gpus_per_node=kwargs.get("gpus_per_node"),
-        bf16_supported=_yes_no(kwargs.get("bf16_supported")),
-        fp8_supported=_yes_no(kwargs.get("fp8_supported")),
-        torch_version=kwargs.get("torch_version"),
-    )
-
-
-def read_config(source: str) -> TrainingConfig:
-    """CONFIG argument: a path (a regular file), or ``-`` for standard input; both bounded."""
-    if source == "-":
-        # Bytes, bounded: a text read would pass undecodable bytes on as surrogates.
-        if sys.stdin is None:  # started with standard input closed
-            raise ConfigError("config", "standard input is closed", "give a file path instead of -")
-        try:
-            raw = read_stream(sys.stdin.buffer, MAX_CONFIG_BYTES)
-        except OSError as exc:
-            raise ConfigError("config", f"standard input: {exc.strerror or exc}") from None
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError("config", "standard input is not UTF-8 text") from None
-        return load_config("<stdin>", text=text)
-    return load_config(Path(source))
 
 
 def plan_from_args(config: str, kwargs: dict[str, Any]) -> Plan:
@@ -287,7 +279,3 @@ def _stdout_failed(exc: OSError) -> NoReturn:
     if exc.errno != errno.EPIPE:  # the reader of a closed pipe wants nothing more, not even a message
         click.echo(f"error: cannot write the output: {exc.strerror or exc}", err=True)
     sys.exit(1)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -14,10 +14,9 @@ from typing import Any
 import click
 
 from optimenv._files import write_atomically
-from optimenv.cli import hardware_from, read_config, spec_policy_option, topology_options
+from optimenv.cli._common import read_config, spec_policy_option, topology_from, topology_options
+from optimenv.compiler import compile
 from optimenv.errors import ConfigError
-from optimenv.plan import plan
-from optimenv.spec import build_spec, deepspeed_text, spec_text
 
 SPEC_FILE = "spec.json"
 DEEPSPEED_FILE = "deepspeed.json"
@@ -49,20 +48,25 @@ def spec_command(
     """
     folder = out_dir.absolute()
     ds_file = folder / DEEPSPEED_FILE
-    result = plan(read_config(config), hardware_from(kwargs), deepspeed_path=deepspeed_path or str(ds_file))
-    spec = build_spec(result, policy=spec_policy)
+    job = compile(
+        read_config(config),
+        topology_from(kwargs),
+        "configmaps",
+        policy=spec_policy,
+        deepspeed_path=deepspeed_path or str(ds_file),
+    )
     _make_folder(folder)
     written = []
     # The JSON first: a spec on disk never names a DeepSpeed file that is not there yet.
-    if result.deepspeed is not None:
-        _write(ds_file, deepspeed_text(result.deepspeed))
+    if job.deepspeed_json is not None:
+        _write(ds_file, job.deepspeed_json)
         written.append(ds_file)
-    _write(folder / SPEC_FILE, spec_text(spec))
+    _write(folder / SPEC_FILE, job.spec_json)
     written.append(folder / SPEC_FILE)
-    for warning in result.warnings:
+    for warning in job.plan.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"wrote {', '.join(map(str, written))}", err=True)
-    if result.deepspeed is not None and deepspeed_path and Path(deepspeed_path) != ds_file:
+    if job.deepspeed_json is not None and deepspeed_path and Path(deepspeed_path) != ds_file:
         note = f"note: the spec expects the DeepSpeed JSON at {deepspeed_path}: copy {ds_file} there"
         click.echo(note, err=True)
     click.echo(

@@ -2,49 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from typing import Any
 
 import click
-import yaml
-from yaml.representer import SafeRepresenter
 
-from optimenv.cli import hardware_from, hardware_options, read_config, spec_policy_option
+from optimenv.cli._common import hardware_options, read_config, spec_policy_option, topology_from
+from optimenv.compiler import Job, compile
 from optimenv.config import TrainingConfig
 from optimenv.errors import ConfigError
 from optimenv.limits import json_problem, load_json
-from optimenv.plan import Hardware, Plan, ProcessCountError, plan
-from optimenv.render import TARGETS, JobOptions, render
-
-try:  # libyaml's emitter writes the same bytes about 4x faster
-    from yaml import CSafeDumper as _BaseDumper
-except ImportError:  # pragma: no cover - PyYAML built without libyaml
-    from yaml import SafeDumper as _BaseDumper  # type: ignore[assignment]
-
-
-class _Dumper(_BaseDumper):
-    """Block style everywhere; multi-line strings (the JSON files) as literal blocks."""
-
-
-def _str(dumper: SafeRepresenter, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_Dumper.add_representer(str, _str)
-
-
-def to_yaml(objects: list[dict[str, Any]]) -> str:
-    """Multi-document YAML, keys in the order the renderer built them."""
-    return yaml.dump_all(
-        objects, Dumper=_Dumper, sort_keys=False, explicit_start=True, allow_unicode=True, width=100
-    )
-
-
-def to_json(objects: list[dict[str, Any]]) -> str:
-    """One ``v1`` ``List``, as ``kubectl get -o json`` prints several objects."""
-    return json.dumps({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": objects}, indent=2) + "\n"
+from optimenv.plan import ProcessCountError
+from optimenv.workload import TARGETS, JobSpec, Target, Topology, check_target, parse_model
 
 
 def _pairs(option: str, values: tuple[str, ...]) -> dict[str, str]:
@@ -57,7 +25,7 @@ def _pairs(option: str, values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _tolerations(values: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+def _tolerations(values: tuple[str, ...]) -> list[dict[str, Any]]:
     out = []
     for item in values:
         try:
@@ -67,7 +35,7 @@ def _tolerations(values: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
         if not isinstance(parsed, dict):
             raise ConfigError("--toleration", 'must be a JSON object, e.g. {"key":"k","operator":"Exists"}')
         out.append(parsed)
-    return tuple(out)
+    return out
 
 
 @click.command(name="render", context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,56 +79,56 @@ def render_command(
     optimenv render cfg.yaml --target pytorchjob --name ft --image IMG --nodes 2 --gpus-per-node 8 \\
         -- python train.py | kubectl apply --server-side -f -
     """
-    if target not in TARGETS:
-        raise ConfigError("--target", f"unknown target {target!r}", f"choose one of {', '.join(TARGETS)}")
-    # Job targets default to 1 node x 1 GPU; whether that was asked for decides the hint below.
-    topology_given = kwargs.get("nodes") is not None or kwargs.get("gpus_per_node") is not None
-    if target == "configmaps" and command:
+    kind = check_target(target, "--target")
+    if kind == "configmaps" and command:
         click.echo(
             "warning: --target configmaps renders no job, so the command after -- is not used; "
             "put it in your pod template after optimenv-bootstrap (docs/targets.md)",
             err=True,
         )
-    if target != "configmaps":
-        # A job has a definite topology: plan for exactly the pods it starts.
-        kwargs["nodes"] = kwargs.get("nodes") or 1
-        kwargs["gpus_per_node"] = kwargs.get("gpus_per_node") or 1
-    options = JobOptions(
-        name=name,
-        namespace=namespace,
-        image=image,
-        command=command,
-        nodes=kwargs.get("nodes") or 1,
-        gpus_per_node=kwargs.get("gpus_per_node") or 1,
-        service_account=service_account,
-        node_selector=_pairs("--node-selector", node_selector),
-        tolerations=_tolerations(toleration),
-        labels=_pairs("--label", label),
-        runtime=runtime,
-        spec_policy=spec_policy,
-    )
+    topology = topology_from(kwargs)
+    pod = {
+        "service_account": service_account,
+        "node_selector": _pairs("--node-selector", node_selector),
+        "tolerations": _tolerations(toleration),
+        "runtime": runtime,
+    }
+    job: Target | JobSpec = kind
+    if kind != "configmaps" and image is not None:
+        job = parse_model(JobSpec, {"target": kind, "image": image, "command": list(command), **pod})
     cfg = read_config(config)
-    hardware = hardware_from(kwargs)
-    if target == "rayjob" and "ray_num_workers" in cfg.model_fields_set:
-        options = dataclasses.replace(options, ray_workers=cfg.ray_num_workers)
-        if cfg.ray_num_workers <= options.nodes * options.gpus_per_node:
-            # The Ray Train workers are the processes (C28); more than the GPUs is refused by render.
-            hardware = dataclasses.replace(hardware, nodes=1, gpus_per_node=cfg.ray_num_workers)
-    result = _plan(cfg, hardware, kwargs["deepspeed_path"], default_topology=not topology_given)
-    if target == "rayjob" and cfg.resources_per_worker.get("GPU", 1.0) != 1.0:
+    result = _compile(cfg, topology, job, name, namespace, _pairs("--label", label), spec_policy, kwargs)
+    if kind == "rayjob" and cfg.resources_per_worker.get("GPU", 1.0) != 1.0:
         click.echo("warning: resources_per_worker: each Ray Train worker gets one GPU here", err=True)
-    objects = render(result, target, options)
-    click.echo(to_yaml(objects) if output == "yaml" else to_json(objects), nl=False)
-    for warning in result.warnings:
+    click.echo(result.to_yaml() if output == "yaml" else result.to_json(), nl=False)
+    for warning in result.plan.warnings:
         click.echo(f"warning: {warning}", err=True)
 
 
-def _plan(cfg: TrainingConfig, hardware: Hardware, deepspeed_path: str, *, default_topology: bool) -> Plan:
-    """``plan()``; a size mismatch on the default 1 x 1 job names the options that set its size."""
+def _compile(
+    cfg: TrainingConfig,
+    topology: Topology,
+    job: Target | JobSpec,
+    name: str,
+    namespace: str,
+    labels: dict[str, str],
+    policy: Any,
+    kwargs: dict[str, Any],
+) -> Job:
+    """``compile()``; a size mismatch on the default 1 x 1 job names the options that set its size."""
     try:
-        return plan(cfg, hardware, deepspeed_path=deepspeed_path)
+        return compile(
+            cfg,
+            topology,
+            job,
+            name=name,
+            namespace=namespace,
+            labels=labels,
+            policy=policy,
+            deepspeed_path=kwargs["deepspeed_path"],
+        )
     except ProcessCountError as exc:
-        if not default_topology:
+        if topology.nodes is not None or topology.gpus_per_node is not None:
             raise
         raise ProcessCountError(
             exc.field,
