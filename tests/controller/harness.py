@@ -41,8 +41,8 @@ async def running_operator(
     job_kinds: tuple[str, ...] = (),
 ) -> AsyncIterator[Running]:
     kube = Kube.for_server(url, timeout=kube_timeout)
-    controller = Controller(kube)
-    registry = build_registry(controller, login_url=url, job_kinds=job_kinds)
+    controller = Controller(kube, job_kinds=job_kinds)
+    registry = build_registry(controller, login_url=url)
     settings = fast_settings()
     if tune is not None:
         tune(settings)

@@ -119,14 +119,22 @@ def test_job_children_name_their_controller_owner_and_their_echo_is_in_sync() ->
     assert rc.controller_owner(job) == "demo"
     # As the server stores it: defaulted spec, server metadata, a status; still the echo of our apply.
     stored = copy.deepcopy(job)
-    stored["spec"]["shutdownAfterJobFinishes"] = False
+    stored["spec"]["submissionMode"] = "K8sJobMode"  # a CRD default the renderer leaves out
     stored["metadata"].update(uid="u-2", resourceVersion="7")
     stored["status"] = {"jobStatus": "RUNNING"}
-    wanted = rc.managed_metadata(job)
+    wanted = rc.managed_fields(job)
     assert set(wanted["metadata"]) == {"name", "labels", "annotations", "ownerReferences"}
-    assert rc.in_sync(stored, wanted)
-    stored["metadata"]["annotations"][rc.CONTENT_HASH_ANNOTATION] = "sha256:edited"
-    assert not rc.in_sync(stored, wanted)
+    assert wanted["spec"] == job["spec"]  # a job's spec is managed too
+    assert rc.as_applied(stored, wanted) and rc.in_sync(stored, job)
+    edited = copy.deepcopy(stored)
+    edited["metadata"]["annotations"][rc.CONTENT_HASH_ANNOTATION] = "sha256:edited"
+    assert not rc.as_applied(edited, wanted)
+    # A field we set, changed by hand (the image of the head), is drift; one the server added is not.
+    head = stored["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head["imagePullPolicy"] = "IfNotPresent"
+    assert rc.as_applied(stored, wanted)
+    head["image"] = "img:2"
+    assert not rc.as_applied(stored, wanted) and not rc.in_sync(stored, job)
     # Not ours: no controller reference, or one to another kind or API group.
     ref = job["metadata"]["ownerReferences"][0]
     for refs in (

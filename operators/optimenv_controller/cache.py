@@ -1,0 +1,203 @@
+"""A watch-fed cache of the controller's own children, selected by label.
+
+One list-then-watch loop per kind (ConfigMaps, and each job kind given with ``--job-kind``) and per
+watched namespace (or one for all namespaces) keeps every object labelled
+``app.kubernetes.io/managed-by=optimenv`` in memory, so that a reconcile reads its children here
+instead of with a GET. A listener hears every change (``None`` for an object seen in a listing,
+as kopf reports them), which is how drift of an owned child reaches the controller at once.
+
+A watch that ends with 410 Gone, or fails, is followed by a fresh list: objects missing from it are
+reported as deleted. A kind the API server does not serve (404: its CRD is not installed) is
+skipped with a warning; one that may not be listed (403) is retried with backoff. While a kind is
+not served here, :meth:`ChildCache.serves` says so and the controller reads those children with GETs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from optimenv_controller.kube import ApiFailure, Gone, Kube, KubeError, Retryable
+from optimenv_controller.reconcile import MANAGED_BY
+
+logger = logging.getLogger("optimenv.controller")
+
+#: The label selector of the cache: what the controller creates carries it.
+OWNED: Mapping[str, str] = {MANAGED_BY: "optimenv"}
+Kind = tuple[str, str]  # (apiVersion, kind)
+Key = tuple[str, str, str, str]  # (apiVersion, kind, namespace, name)
+Listener = Callable[[str | None, dict[str, Any]], None]
+
+
+def cache_key(body: Mapping[str, Any]) -> Key:
+    meta = body["metadata"]
+    return (body["apiVersion"], body["kind"], meta["namespace"], meta["name"])
+
+
+def selected(body: Mapping[str, Any]) -> bool:
+    """Whether ``body`` carries the cache's labels (so its watch reports it)."""
+    labels = (body.get("metadata") or {}).get("labels") or {}
+    return all(labels.get(k) == v for k, v in OWNED.items())
+
+
+def newer(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
+    """Whether ``body`` may replace ``than`` (a copy of the same object from another source).
+
+    resourceVersions are opaque to clients; etcd's are integers, and only where both are is an
+    older copy (a late watch event after our own write) kept out. Otherwise the newcomer wins.
+    """
+    if than is None:
+        return True
+    mine = (body.get("metadata") or {}).get("resourceVersion")
+    theirs = (than.get("metadata") or {}).get("resourceVersion")
+    if isinstance(mine, str) and isinstance(theirs, str) and mine.isdigit() and theirs.isdigit():
+        same = (body.get("metadata") or {}).get("uid") == (than.get("metadata") or {}).get("uid")
+        return not same or int(mine) >= int(theirs)
+    return True
+
+
+class ChildCache:
+    """The owned children of the watched kinds and namespaces, fed by list and watch."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        kinds: Iterable[Kind],
+        namespaces: Sequence[str] = (),
+        *,
+        listener: Listener | None = None,
+        max_delay: float = 300.0,
+    ) -> None:
+        self._kube = kube
+        self._kinds = sorted(set(kinds))
+        self._namespaces: tuple[str | None, ...] = tuple(namespaces) or (None,)
+        self.listener = listener
+        self._max_delay = max_delay
+        self._objects: dict[Key, dict[str, Any]] = {}
+        self._served: set[tuple[str, str, str | None]] = set()
+        self._pending = len(self._kinds) * len(self._namespaces)
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        if not self._pending:
+            self._ready.set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        for api_version, kind in self._kinds:
+            for namespace in self._namespaces:
+                task = asyncio.create_task(self._reflect(api_version, kind, namespace))
+                self._tasks.append(task)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def ready(self) -> None:
+        """Until every kind was listed once (or found not served)."""
+        await self._ready.wait()
+
+    async def refresh(self) -> None:
+        """List every kind again now (changes a watch missed are reported), and wait for it."""
+        if not self._tasks:
+            return
+        await self.stop()
+        self._ready.clear()
+        self._pending = len(self._kinds) * len(self._namespaces)
+        self.start()
+        await self.ready()
+
+    # -- reads and writes ------------------------------------------------------------------------
+    def serves(self, api_version: str, kind: str, namespace: str) -> bool:
+        """Whether this kind's objects in ``namespace`` are here (else: read them with a GET)."""
+        return (api_version, kind, namespace) in self._served or (api_version, kind, None) in self._served
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._objects.get((api_version, kind, namespace, name))
+
+    def put(self, body: Mapping[str, Any]) -> None:
+        """Store what the API server returned for our own write, unless a newer copy is here already."""
+        key = cache_key(body)
+        if (key[0], key[1]) in self._kinds and selected(body) and newer(body, self._objects.get(key)):
+            self._objects[key] = dict(body)
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    # -- the loops -------------------------------------------------------------------------------
+    async def _reflect(self, api_version: str, kind: str, namespace: str | None) -> None:
+        failures = 0
+        where = f"{kind} in {namespace or 'all namespaces'}"
+        while True:
+            try:
+                items, version = await self._kube.list(api_version, kind, namespace, OWNED)
+                self._replace(api_version, kind, namespace, items)
+                self._listed((api_version, kind, namespace), served=True)
+                failures = 0
+                async for type_, body in self._kube.watch(api_version, kind, namespace, OWNED, version):
+                    self._apply(type_, body)
+            except Gone:
+                continue  # list again at once
+            except ApiFailure as exc:
+                self._listed((api_version, kind, namespace), served=False)
+                if exc.status == 404:
+                    logger.warning("%s is not served (is its CRD installed?): not watched: %s", where, exc)
+                    return
+                logger.warning("cannot list %s: %s; its children are read one by one meanwhile", where, exc)
+                delay = min(2.0**failures, self._max_delay)
+            except KubeError as exc:
+                delay = min(
+                    max(2.0**failures, exc.delay if isinstance(exc, Retryable) else 1.0), self._max_delay
+                )
+                logger.info("watch of %s ended: %s; listing again in %.1fs", where, exc, delay)
+            else:
+                delay = 0.0
+            failures += 1
+            await asyncio.sleep(delay)
+
+    def _listed(self, segment: tuple[str, str, str | None], *, served: bool) -> None:
+        if served:
+            self._served.add(segment)
+        else:
+            self._served.discard(segment)
+        if not self._ready.is_set():
+            self._pending -= 1
+            if self._pending <= 0:
+                self._ready.set()
+
+    def _replace(
+        self, api_version: str, kind: str, namespace: str | None, items: list[dict[str, Any]]
+    ) -> None:
+        listed = {cache_key(body): body for body in items}
+        gone = [
+            key
+            for key in self._objects
+            if key[:2] == (api_version, kind) and namespace in (None, key[2]) and key not in listed
+        ]
+        for key in gone:
+            self._notify("DELETED", self._objects.pop(key))
+        for key, body in listed.items():
+            self._objects[key] = body
+            self._notify(None, body)
+
+    def _apply(self, type_: str, body: dict[str, Any]) -> None:
+        if type_ not in ("ADDED", "MODIFIED", "DELETED"):
+            return  # BOOKMARK
+        key = cache_key(body)
+        if type_ == "DELETED":
+            self._objects.pop(key, None)
+        elif newer(body, self._objects.get(key)):
+            self._objects[key] = body
+        else:
+            return  # an old copy arriving after our own write's answer: nothing new
+        self._notify(type_, body)
+
+    def _notify(self, type_: str | None, body: dict[str, Any]) -> None:
+        if self.listener is not None:
+            try:
+                self.listener(type_, body)
+            except Exception:  # a listener's bug must not stop the cache
+                logger.exception("cache listener failed on %s %s", type_, cache_key(body))
