@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx2
-from lightkube import AsyncClient, KubeConfig
+from lightkube import AsyncClient, KubeConfig, operators
 from lightkube.config.models import Cluster, User
 from lightkube.core.exceptions import ApiError
 from lightkube.core.exceptions import ConfigError as LightkubeConfigError
@@ -78,6 +78,13 @@ def _to_dict(obj: Any) -> dict[str, Any]:
         return dict(obj.to_dict())  # type: ignore[no-untyped-call]
     data: dict[str, Any] = obj.to_dict()
     return data
+
+
+def _selector(labels: Mapping[str, str], exclude: bool) -> dict[str, Any] | None:
+    """lightkube's label selector: each label equal to its value, or (``exclude``) not."""
+    if not labels:
+        return None
+    return {k: operators.not_equal(v) if exclude else v for k, v in labels.items()}
 
 
 def _typed(body: dict[str, Any], api_version: str, kind: str) -> dict[str, Any]:
@@ -176,14 +183,20 @@ class Kube:
             raise translate(exc, what) from exc
 
     async def list(
-        self, api_version: str, kind: str, namespace: str | None, labels: Mapping[str, str]
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        labels: Mapping[str, str],
+        *,
+        exclude: bool = False,
     ) -> tuple[list[dict[str, Any]], str]:
-        """Every object of a kind (in ``namespace``, or all namespaces) matching ``labels``; and the
-        list's resourceVersion, to watch from."""
+        """Every object of a kind (in ``namespace``, or all namespaces) carrying ``labels`` (with
+        ``exclude``: not carrying them); and the list's resourceVersion, to watch from."""
         where = f"list {kind} in {namespace or 'all namespaces'}"
         try:
             found = self._client.list(
-                _resource(api_version, kind), namespace=namespace or "*", labels=dict(labels)
+                _resource(api_version, kind), namespace=namespace or "*", labels=_selector(labels, exclude)
             )
             items = [_typed(_to_dict(obj), api_version, kind) async for obj in found]
             return items, found.resourceVersion
@@ -198,6 +211,7 @@ class Kube:
         labels: Mapping[str, str],
         resource_version: str,
         *,
+        exclude: bool = False,
         server_timeout: int = 300,
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """(type, object) for every change after ``resource_version``; ends only by an error.
@@ -209,7 +223,7 @@ class Kube:
         stream = self._client.watch(
             _resource(api_version, kind),
             namespace=namespace or "*",
-            labels=dict(labels),
+            labels=_selector(labels, exclude),
             resource_version=resource_version,
             server_timeout=server_timeout,
             on_error=on_error_raise,

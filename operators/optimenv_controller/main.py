@@ -13,7 +13,8 @@ import signal
 import click
 import kopf
 
-from optimenv_controller.handlers import Controller, build_registry, make_settings
+from optimenv_controller.controller import Controller
+from optimenv_controller.handlers import build_registry, make_settings
 from optimenv_controller.kube import Kube, KubeError
 from optimenv_controller.metrics import Metrics, configure_logging
 from optimenv_controller.reconcile import JOB_RESOURCES

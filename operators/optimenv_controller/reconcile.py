@@ -404,7 +404,7 @@ def decide(
         "plan": summary,
         "job": _clip_record(record),
     }
-    events = [*apply_events(applies), *_warnings(old_status, valid, ready, conflict, failure)]
+    events = [*apply_events(obj, applies), *_warnings(old_status, valid, ready, conflict, failure)]
     moved = lifecycle.transition(old_status.get("job"), status["job"])
     if moved is not None:
         events.append(Event(moved[0], moved[1], _clip(moved[2], EVENT_MAX)))
@@ -493,10 +493,16 @@ def _warnings(
     return events
 
 
-def apply_events(applies: list[Apply] | tuple[Apply, ...]) -> list[Event]:
-    """One Event per verb, naming every child it concerns."""
+def apply_events(obj: Mapping[str, Any], applies: list[Apply] | tuple[Apply, ...]) -> list[Event]:
+    """One Event per verb, naming every child it concerns.
+
+    Not for the first creation of a new OptimEnv's children: its status says the same, and one more
+    API call per object would weigh on every bulk creation. A child created later (deleted by hand,
+    or new with a spec change) is an Event.
+    """
+    first = (obj.get("status") or {}).get("observedGeneration") is None
     events = []
-    for verb in ("Created", "Updated"):
+    for verb in ("Updated",) if first else ("Created", "Updated"):
         done = [f"{a.body['kind']} {a.body['metadata']['name']}" for a in applies if a.verb == verb]
         if done:
             events.append(Event("Normal", verb, f"{verb.lower()} " + ", ".join(done)))

@@ -182,6 +182,13 @@ async def test_deleted_configmap_is_created_again_at_once(kmock: ApiServer) -> N
     (created,) = creates(writes)
     assert created.url.path == CM_PATH and created.data["metadata"]["name"] == "demo-deepspeed"
     assert applies(writes) == [] and fetches(kmock, mark) == []
+    # A child created again is an Event on its OptimEnv.
+    (event,) = events(writes)
+    assert (event.data["type"], event.data["reason"]) == ("Normal", "Created")
+    assert event.data["message"] == "created ConfigMap demo-deepspeed"
+    owner = kmock.obj(OE, NS, "demo") or {}
+    assert event.data["involvedObject"]["uid"] == owner["metadata"]["uid"]
+    assert event.data["involvedObject"]["kind"] == "OptimEnv"
 
 
 FOREIGN = {

@@ -14,7 +14,7 @@ import itertools
 
 import kmock as km
 
-from optimenv_controller.handlers import MAX_DELAY, backoff
+from optimenv_controller.controller import MAX_DELAY, backoff
 from tests.controller.apiserver import ApiServer, eventually, scripted, settle, status_body
 from tests.controller.conftest import NS, optimenv
 from tests.controller.harness import running_operator
