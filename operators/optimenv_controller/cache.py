@@ -166,6 +166,8 @@ class WatchCache:
                 logger.warning("cannot list %s: %s; read one by one meanwhile", where, exc)
                 delay = min(2.0**failures, self._max_delay)
             except KubeError as exc:
+                # Not known for now: reconciles go on meanwhile, reading these objects one by one.
+                self._listed((api_version, kind, namespace), served=False)
                 hint = exc.delay if isinstance(exc, Retryable) else 1.0
                 delay = min(max(2.0**failures, hint), self._max_delay)
                 logger.info("watch of %s ended: %s; listing again in %.1fs", where, exc, delay)

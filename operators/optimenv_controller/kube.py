@@ -136,6 +136,8 @@ def translate(exc: Exception, what: str) -> KubeError:
     return ApiFailure(f"{what}: {type(exc).__name__}: {exc}")
 
 
+#: Objects per page of a list: a cluster's ConfigMaps come in pages, not in one response.
+LIST_CHUNK = 500
 #: Requests in flight at once (watches excepted): more only queue up in the connection pool, whose
 #: bookkeeping grows with every waiting request and every open connection.
 IN_FLIGHT = 16
@@ -196,7 +198,10 @@ class Kube:
         where = f"list {kind} in {namespace or 'all namespaces'}"
         try:
             found = self._client.list(
-                _resource(api_version, kind), namespace=namespace or "*", labels=_selector(labels, exclude)
+                _resource(api_version, kind),
+                namespace=namespace or "*",
+                labels=_selector(labels, exclude),
+                chunk_size=LIST_CHUNK,
             )
             items = [_typed(_to_dict(obj), api_version, kind) async for obj in found]
             return items, found.resourceVersion

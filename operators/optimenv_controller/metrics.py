@@ -20,7 +20,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.reconciles = Counter(
             "optimenv_reconciles",
-            "Reconciles of OptimEnv objects, by result (synced, updated, invalid, conflict, error).",
+            "Reconciles of OptimEnv objects, by result "
+            "(synced, updated, invalid, conflict, failed, gone, error).",
             ["result"],
             registry=self.registry,
         )

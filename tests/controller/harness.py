@@ -36,9 +36,10 @@ async def running_operator(
     kube_timeout: float = 30.0,
     tune: Callable[[kopf.OperatorSettings], None] | None = None,
     job_kinds: tuple[str, ...] = (),
+    namespaces: tuple[str, ...] = (),
 ) -> AsyncIterator[Running]:
     kube = Kube.for_server(url, timeout=kube_timeout)
-    controller = Controller(kube, job_kinds=job_kinds)
+    controller = Controller(kube, job_kinds=job_kinds, namespaces=namespaces)
     registry = build_registry(controller, login_url=url)
     settings = fast_settings()
     if tune is not None:

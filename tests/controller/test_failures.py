@@ -224,3 +224,37 @@ async def test_resync_repairs_a_missed_change_and_writes_nothing_otherwise(kmock
     (repair,) = applies(kmock.writes(since=mark))
     assert repair.url.path == f"{CM_PATH}/demo-env" and repair.params["force"] == "true"
     assert (kmock.obj(CM, NS, "demo-env") or {})["data"]["ACCELERATE_MIXED_PRECISION"] == "bf16"
+
+
+async def test_child_deleted_while_the_cache_watch_was_down_is_created_again(kmock: ApiServer) -> None:
+    kmock.put_object(OE, optimenv())
+    gate, release = asyncio.Event(), asyncio.Event()
+    watches: list[int] = []
+
+    def owned_watch(r: km.Request) -> bool:
+        owned = r.params.get("labelSelector") == "app.kubernetes.io/managed-by=optimenv"
+        return r.action == km.action.WATCH and r.resource == km.resource(CM) and owned
+
+    async def broken_then_quiet(request: km.Request) -> tuple[dict[str, object], ...]:
+        watches.append(request.id)
+        if len(watches) == 1:
+            await gate.wait()
+            return ({"type": "ERROR", "object": status_body(410, "Expired", "too old resource version")},)
+        await release.wait()
+        return ()
+
+    kmock[scripted(owned_watch, times=2)] << broken_then_quiet
+    async with running_operator(str(kmock.url)):
+        await eventually(lambda: ready(kmock))
+        await settle(kmock)
+        mark = kmock.count
+        kmock.objects[(km.resource(CM), NS, "demo-spec")].delete()  # gone without a watch event
+        gate.set()
+        try:
+            await eventually(lambda: kmock.obj(CM, NS, "demo-spec") is not None)
+            await settle(kmock)
+        finally:
+            release.set()
+    (created,) = creates(kmock.writes(since=mark))  # the new list missed it: reported as deleted
+    assert created.data["metadata"]["name"] == "demo-spec"
+    assert len(watches) == 2

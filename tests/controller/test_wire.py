@@ -289,3 +289,24 @@ async def test_deletion_leaves_children_to_the_garbage_collector(kmock: ApiServe
         assert child is not None
         (ref,) = child["metadata"]["ownerReferences"]
         assert ref["uid"] == obj["metadata"]["uid"] and ref["blockOwnerDeletion"] is True
+
+
+async def test_namespaced_controller_lists_and_watches_its_namespaces_only(kmock: ApiServer) -> None:
+    kmock.put_object(OE, optimenv())
+    elsewhere = optimenv()
+    elsewhere["metadata"]["namespace"] = "other"
+    kmock.put_object(OE, elsewhere)
+    async with running_operator(str(kmock.url), namespaces=(NS,)):
+        await eventually(lambda: ready(kmock))
+        await settle(kmock)
+    reads = [r for r in kmock if r.method.value == "GET" and r.resource is not None and r.resource.plural]
+    assert reads and all(r.namespace == NS for r in reads)  # lists and watches, per namespace
+    assert {
+        (r.resource.plural, r.params.get("labelSelector")) for r in reads if r.action == km.action.LIST
+    } == {
+        ("optimenvs", None),
+        ("configmaps", "app.kubernetes.io/managed-by=optimenv"),
+        ("configmaps", "app.kubernetes.io/managed-by!=optimenv"),
+    }
+    assert kmock.writes() and all(r.namespace == NS for r in kmock.writes())
+    assert (kmock.obj(OE, "other", "demo") or {}).get("status") is None  # not watched: untouched
