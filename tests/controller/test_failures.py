@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+from collections.abc import Callable
 
 import kmock as km
 
@@ -41,6 +42,25 @@ PT = f"{PT_COLLECTION}/demo"
 def _ready_reason(api: ApiServer) -> str | None:
     reason = condition(api, "demo", "Ready").get("reason")
     return str(reason) if reason is not None else None
+
+
+class BrokenWatch:
+    """Scripts the first two watches that ``pred`` matches: the first ends with 410 Gone once
+    ``gate`` is set; the second (after the re-list) sends nothing until ``release`` is set, as a real
+    API server's watch from the list's resourceVersion does when nothing changes."""
+
+    def __init__(self, api: ApiServer, pred: Callable[[km.Request], bool]) -> None:
+        self.gate, self.release = asyncio.Event(), asyncio.Event()
+        self.watches: list[int] = []
+        api[scripted(lambda r: r.action == km.action.WATCH and pred(r), times=2)] << self._answer
+
+    async def _answer(self, request: km.Request) -> tuple[dict[str, object], ...]:
+        self.watches.append(request.id)
+        if len(self.watches) == 1:
+            await self.gate.wait()
+            return ({"type": "ERROR", "object": status_body(410, "Expired", "too old resource version")},)
+        await self.release.wait()
+        return ()
 
 
 def _foreign_configmaps(r: km.Request) -> bool:
@@ -168,23 +188,7 @@ async def test_referenced_configmap_changed_while_its_watch_was_down_is_caught_u
     y1 = "base_model: m\nfsdp_version: 2\nfsdp_config:\n  offload_params: false\n"
     kmock.put_object(CM, {"metadata": {"name": "train-cfg", "namespace": NS}, "data": {"config.yaml": y1}})
     kmock.put_object(OE, optimenv(spec={"configMapRef": {"name": "train-cfg"}}))
-    gate, release = asyncio.Event(), asyncio.Event()
-    watches: list[int] = []
-
-    def cm_watch(r: km.Request) -> bool:
-        return r.action == km.action.WATCH and _foreign_configmaps(r)
-
-    async def broken_then_quiet(request: km.Request) -> tuple[dict[str, object], ...]:
-        watches.append(request.id)
-        if len(watches) == 1:  # the first watch ends with 410 Gone once the edit is made
-            await gate.wait()
-            return ({"type": "ERROR", "object": status_body(410, "Expired", "too old resource version")},)
-        # The watch after the re-list sends nothing, as a real API server's watch from the list's
-        # resourceVersion does (kmock's own watch would replay every object as ADDED).
-        await release.wait()
-        return ()
-
-    kmock[scripted(cm_watch, times=2)] << broken_then_quiet
+    broken = BrokenWatch(kmock, _foreign_configmaps)
     async with running_operator(str(kmock.url)):
         await eventually(lambda: ready(kmock))
         await settle(kmock)
@@ -193,12 +197,12 @@ async def test_referenced_configmap_changed_while_its_watch_was_down_is_caught_u
         kmock.put_object(
             CM, {"metadata": {"name": "train-cfg", "namespace": NS}, "data": {"config.yaml": y2}}
         )
-        gate.set()
+        broken.gate.set()
         try:
             await eventually(lambda: "FSDP_OFFLOAD_PARAMS" in (kmock.obj(CM, NS, "demo-env") or {})["data"])
-            assert len(watches) == 2  # the change came through the re-list, not a replaying watch
+            assert len(broken.watches) == 2  # the change came through the re-list, not a replaying watch
         finally:
-            release.set()
+            broken.release.set()
     lists = [r for r in kmock if r.action == km.action.LIST and _foreign_configmaps(r)]
     assert len(lists) >= 2
 
@@ -228,33 +232,21 @@ async def test_resync_repairs_a_missed_change_and_writes_nothing_otherwise(kmock
 
 async def test_child_deleted_while_the_cache_watch_was_down_is_created_again(kmock: ApiServer) -> None:
     kmock.put_object(OE, optimenv())
-    gate, release = asyncio.Event(), asyncio.Event()
-    watches: list[int] = []
-
-    def owned_watch(r: km.Request) -> bool:
-        owned = r.params.get("labelSelector") == "app.kubernetes.io/managed-by=optimenv"
-        return r.action == km.action.WATCH and r.resource == km.resource(CM) and owned
-
-    async def broken_then_quiet(request: km.Request) -> tuple[dict[str, object], ...]:
-        watches.append(request.id)
-        if len(watches) == 1:
-            await gate.wait()
-            return ({"type": "ERROR", "object": status_body(410, "Expired", "too old resource version")},)
-        await release.wait()
-        return ()
-
-    kmock[scripted(owned_watch, times=2)] << broken_then_quiet
+    owned = "app.kubernetes.io/managed-by=optimenv"
+    broken = BrokenWatch(
+        kmock, lambda r: r.resource == km.resource(CM) and r.params.get("labelSelector") == owned
+    )
     async with running_operator(str(kmock.url)):
         await eventually(lambda: ready(kmock))
         await settle(kmock)
         mark = kmock.count
         kmock.objects[(km.resource(CM), NS, "demo-spec")].delete()  # gone without a watch event
-        gate.set()
+        broken.gate.set()
         try:
             await eventually(lambda: kmock.obj(CM, NS, "demo-spec") is not None)
             await settle(kmock)
         finally:
-            release.set()
+            broken.release.set()
     (created,) = creates(kmock.writes(since=mark))  # the new list missed it: reported as deleted
     assert created.data["metadata"]["name"] == "demo-spec"
-    assert len(watches) == 2
+    assert len(broken.watches) == 2
