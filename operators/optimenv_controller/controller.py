@@ -12,8 +12,9 @@ Every trigger ends in :meth:`Controller.reconcile`, one level-based, idempotent 
 * the periodic resync of the ``OptimEnv`` objects not reconciled for a while.
 
 All of it comes from three :class:`~optimenv_controller.cache.WatchCache` (the ``OptimEnv``
-objects, the owned children, the foreign objects), so a reconcile reads nothing with a GET but the
-referenced ConfigMap, children of job kinds that are not watched, and a name a create found taken.
+objects, the owned children, the foreign objects: stubs, but referenced ConfigMaps whole), so a
+reconcile reads nothing with a GET but a referenced ConfigMap not seen whole yet, children of job
+kinds that are not watched, and a name a create found taken.
 Each ``OptimEnv`` has one reconcile at a time. Retryable API errors are retried with an exponential
 backoff (at least the server's Retry-After). A refusal that retrying cannot fix (403, 404, 422 of a
 child) is status (``Ready=False``) and a Warning Event, like an invalid config: it is not retried
@@ -78,6 +79,11 @@ def object_logger(obj: Mapping[str, Any]) -> logging.LoggerAdapter[logging.Logge
     return logging.LoggerAdapter(logger, {"k8s_ref": ref})
 
 
+def _whole(body: Mapping[str, Any]) -> bool:
+    """Whether a cached ConfigMap was kept whole (a stub has nothing but its identity and owner)."""
+    return any(key in body for key in ("data", "binaryData", "immutable"))
+
+
 def stub(body: Mapping[str, Any]) -> dict[str, Any]:
     """What is kept of a foreign object: enough to tell whose it is and to name it."""
     meta = body.get("metadata") or {}
@@ -116,7 +122,7 @@ class Controller:
         self.optimenvs = WatchCache(kube, [(API_VERSION, KIND)], where, listener=self.optimenv_event)
         self.owned = WatchCache(kube, kinds, where, labels=OWNED, listener=self.owned_event)
         self.foreign = WatchCache(
-            kube, kinds, where, labels=OWNED, exclude=True, keep=stub, listener=self.foreign_event
+            kube, kinds, where, labels=OWNED, exclude=True, keep=self._keep, listener=self.foreign_event
         )
         # Per OptimEnv, what its last reconcile wanted of each child (rc.managed_fields), and the
         # other way round: (namespace, child) → the OptimEnvs that want it.
@@ -220,13 +226,28 @@ class Controller:
     async def _desired(self, obj: Mapping[str, Any]) -> rc.Desired | rc.Invalid:
         ref = rc.config_map_ref(obj)
         try:
-            referenced = (
-                await self.kube.get("v1", "ConfigMap", obj["metadata"]["namespace"], ref) if ref else None
-            )
+            referenced = await self._referenced_config(obj["metadata"]["namespace"], ref) if ref else None
         except ApiFailure as exc:
             # Not readable (403): as good as missing for planning; say why, like ConfigMapNotFound.
             return rc.Invalid(rc.failure_reason(exc.status), f"spec.configMapRef: {exc}")
         return rc.desired(obj, referenced)
+
+    async def _referenced_config(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The ConfigMap an OptimEnv references: from the caches once watched whole, else a GET."""
+        if self.foreign.serves("v1", "ConfigMap", namespace):
+            known = self._known(namespace, ("v1", "ConfigMap", name))
+            if known is None or _whole(known):
+                return known
+        found = await self.kube.get("v1", "ConfigMap", namespace, name)
+        if found is not None:
+            self.foreign.put(found)  # referenced now: kept whole from here on
+        return found
+
+    def _keep(self, body: dict[str, Any]) -> dict[str, Any]:
+        """What the foreign objects' cache keeps: a referenced ConfigMap whole, the rest as stubs."""
+        meta = body["metadata"]
+        referenced = body["kind"] == "ConfigMap" and self._referenced.get((meta["namespace"], meta["name"]))
+        return body if referenced else stub(body)
 
     async def _observe(
         self, obj: Mapping[str, Any], want: rc.Desired

@@ -88,7 +88,7 @@ def _selector(labels: Mapping[str, str], exclude: bool) -> dict[str, Any] | None
 
 
 def _typed(body: dict[str, Any], api_version: str, kind: str) -> dict[str, Any]:
-    """A listed object with its apiVersion and kind (list items of built-in kinds leave them out)."""
+    """An object with its apiVersion and kind (list items of built-in kinds leave them out)."""
     body.setdefault("apiVersion", api_version)
     body.setdefault("kind", kind)
     return body
@@ -176,7 +176,7 @@ class Kube:
         try:
             async with self._slots:
                 found = await self._client.get(_resource(api_version, kind), name, namespace=namespace)
-            return _to_dict(found)
+            return _typed(_to_dict(found), api_version, kind)
         except httpx2.HTTPStatusError as exc:
             if exc.response.status_code == 404:
                 return None
@@ -257,7 +257,7 @@ class Kube:
                 )
         except httpx2.HTTPError as exc:
             raise translate(exc, what) from exc
-        return _to_dict(written)
+        return _typed(_to_dict(written), body["apiVersion"], body["kind"])
 
     async def apply(self, body: Mapping[str, Any], *, force: bool) -> dict[str, Any]:
         """Server-side apply of the full desired object under the ``optimenv`` field manager."""
@@ -276,7 +276,7 @@ class Kube:
                 )
         except httpx2.HTTPError as exc:
             raise translate(exc, what) from exc
-        return _to_dict(written)
+        return _typed(_to_dict(written), body["apiVersion"], body["kind"])
 
     async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
         """Merge-patch ``status`` through the status subresource (conditions are replaced whole); the
@@ -294,7 +294,7 @@ class Kube:
                 )
         except httpx2.HTTPError as exc:
             raise translate(exc, what) from exc
-        return _to_dict(written)
+        return _typed(_to_dict(written), f"{GROUP}/{VERSION}", KIND)
 
     async def create_event(
         self, obj: Mapping[str, Any], type_: str, reason: str, message: str, *, component: str = "optimenv"

@@ -214,8 +214,10 @@ async def test_referenced_configmap_change_reconciles(kmock: ApiServer) -> None:
         await asyncio.sleep(0.3)
     writes = kmock.writes(since=mark)
     assert {r.url.path for r in applies(writes)} == {f"{CM_PATH}/demo-env", f"{CM_PATH}/demo-spec"}
-    # The user's ConfigMap is read, never written.
+    # The user's ConfigMap is read, never written; its change came with the watch, not a GET.
     assert not [r for r in writes if r.url.path.endswith("/train-cfg")]
+    reads = [r for r in kmock if r.action == km.action.FETCH and r.url.path.endswith("/train-cfg")]
+    assert len(reads) <= 1 and all(r.id < mark for r in reads)  # at most once, before it was watched
     assert (kmock.obj(CM, NS, "train-cfg") or {})["data"]["config.yaml"] == yaml_v2
     assert not (kmock.obj(CM, NS, "train-cfg") or {})["metadata"].get("ownerReferences")
 
