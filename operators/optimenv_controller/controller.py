@@ -124,6 +124,8 @@ class Controller:
         self.foreign = WatchCache(
             kube, kinds, where, labels=OWNED, exclude=True, keep=self._keep, listener=self.foreign_event
         )
+        for label, cache in (("optimenvs", self.optimenvs), ("owned", self.owned), ("foreign", self.foreign)):
+            self.metrics.cached.labels(cache=label).set_function(cache.__len__)
         # Per OptimEnv, what its last reconcile wanted of each child (rc.managed_fields), and the
         # other way round: (namespace, child) → the OptimEnvs that want it.
         self._wanted: dict[Key, dict[rc.ChildKey, dict[str, Any]]] = {}

@@ -165,7 +165,6 @@ _MAPPERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], JobState]] 
     "PyTorchJob": _pytorchjob,
     "TrainJob": _trainjob,
 }
-JOB_KINDS = frozenset(_MAPPERS)
 
 
 # -- the rules ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from optimenv.deepspeed import PRESETS
 from optimenv.errors import ConfigError, OptimEnvError
 from optimenv.plan import Plan, plan
 from optimenv.render import CONTENT_HASH_ANNOTATION, JobOptions, render
-from optimenv.resource import API_VERSION, GROUP, KIND, Condition, JobStatus, OptimEnvSpec, parse_spec
+from optimenv.resource import API_VERSION, KIND, Condition, JobStatus, OptimEnvSpec, parse_spec
 from optimenv.spec import build_spec, content_hash
 from optimenv_controller import lifecycle
 
@@ -55,11 +55,6 @@ JOB_KINDS: dict[str, tuple[str, str]] = {
 
 def child_key(body: Mapping[str, Any]) -> ChildKey:
     return (body["apiVersion"], body["kind"], body["metadata"]["name"])
-
-
-def child_configmap_names(name: str) -> tuple[str, ...]:
-    """Names of the ConfigMaps an OptimEnv may own (the renderers' naming convention)."""
-    return tuple(name + suffix for suffix in CHILD_SUFFIXES)
 
 
 def config_map_ref(obj: Mapping[str, Any]) -> str | None:
@@ -250,16 +245,6 @@ def owned_by(child: Mapping[str, Any], obj: Mapping[str, Any]) -> bool:
     uid = obj["metadata"].get("uid")
     refs = (child.get("metadata") or {}).get("ownerReferences") or []
     return any(r.get("controller") and r.get("uid") == uid and r.get("kind") == KIND for r in refs)
-
-
-def controller_owner(child: Mapping[str, Any]) -> str | None:
-    """The name of the OptimEnv that is ``child``'s controller owner, or None (not one of ours)."""
-    for ref in (child.get("metadata") or {}).get("ownerReferences") or []:
-        group = str(ref.get("apiVersion") or "").rpartition("/")[0]
-        if ref.get("controller") and ref.get("kind") == KIND and group == GROUP and ref.get("name"):
-            name: str = ref["name"]
-            return name
-    return None
 
 
 def managed_fields(body: Mapping[str, Any]) -> dict[str, Any]:

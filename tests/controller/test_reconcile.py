@@ -96,7 +96,7 @@ def test_deepspeed_file_paths_are_refused_the_controller_reads_no_local_files() 
 def test_child_names_follow_the_renderers() -> None:
     want = rc.desired(_obj())
     assert isinstance(want, rc.Desired)
-    assert {c["metadata"]["name"] for c in want.children} == set(rc.child_configmap_names("demo"))
+    assert {c["metadata"]["name"] for c in want.children} == {"demo" + s for s in rc.CHILD_SUFFIXES}
 
 
 def test_controller_command_options() -> None:
@@ -111,12 +111,12 @@ def test_controller_command_options() -> None:
     assert unknown.exit_code == 2 and "'mpijob' is not one of" in unknown.output
 
 
-def test_job_children_name_their_controller_owner_and_their_echo_is_in_sync() -> None:
+def test_job_children_are_owned_and_their_echo_is_as_applied() -> None:
     obj = _obj(job={"target": "rayjob", "image": "img:1", "command": ["python", "t.py"]})
     want = rc.desired(obj)
     assert isinstance(want, rc.Desired)
     (job,) = [c for c in want.children if c["kind"] == "RayJob"]
-    assert rc.controller_owner(job) == "demo"
+    assert rc.owned_by(job, obj)
     # As the server stores it: defaulted spec, server metadata, a status; still the echo of our apply.
     stored = copy.deepcopy(job)
     stored["spec"]["submissionMode"] = "K8sJobMode"  # a CRD default the renderer leaves out
@@ -135,15 +135,15 @@ def test_job_children_name_their_controller_owner_and_their_echo_is_in_sync() ->
     assert rc.as_applied(stored, wanted)
     head["image"] = "img:2"
     assert not rc.as_applied(stored, wanted) and not rc.in_sync(stored, job)
-    # Not ours: no controller reference, or one to another kind or API group.
+    # Not ours: no controller reference, one to another kind, or to another OptimEnv of that name.
     ref = job["metadata"]["ownerReferences"][0]
     for refs in (
         [],
         [{**ref, "controller": False}],
         [{**ref, "kind": "Deployment", "apiVersion": "apps/v1"}],
-        [{**ref, "apiVersion": "example.com/v1alpha1"}],
+        [{**ref, "uid": "uid-of-a-deleted-namesake"}],
     ):
-        assert rc.controller_owner({"metadata": {"ownerReferences": refs}}) is None
+        assert not rc.owned_by({"metadata": {"ownerReferences": refs}}, obj)
 
 
 def test_metrics_endpoint_serves_the_counters() -> None:
@@ -151,6 +151,7 @@ def test_metrics_endpoint_serves_the_counters() -> None:
     metrics.reconciles.labels(result="synced").inc()
     metrics.errors.labels(reason="429").inc()
     metrics.duration.observe(0.02)
+    metrics.cached.labels(cache="owned").set_function(lambda: 3)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -160,6 +161,7 @@ def test_metrics_endpoint_serves_the_counters() -> None:
     assert 'optimenv_reconciles_total{result="synced"} 1.0' in text
     assert 'optimenv_reconcile_errors_total{reason="429"} 1.0' in text
     assert "optimenv_reconcile_duration_seconds_count 1.0" in text
+    assert 'optimenv_cached_objects{cache="owned"} 3.0' in text
 
 
 def test_condition_messages_are_clipped_to_the_crds_max_length() -> None:
