@@ -207,3 +207,31 @@ def test_refused_child_is_ready_false_with_one_warning_and_the_rest_applied() ->
         "ApplyFailed",
         "ApplyFailed",
     ]
+
+
+def test_the_crd_carries_the_job_entry_and_its_printer_column() -> None:
+    crd = yaml.safe_load(pathlib.Path("manifests/crds/optimenv.dev_optimenvs.yaml").read_text())
+    (version,) = crd["spec"]["versions"]
+    job = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["job"]
+    assert job["properties"]["phase"]["enum"] == ["Pending", "Running", "Succeeded", "Failed", "Stopped"]
+    assert job["properties"]["message"]["maxLength"] == rc.JOB_MESSAGE_MAX
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert columns["Job"] == {"name": "Job", "type": "string", "jsonPath": ".status.job.phase"}
+    assert columns["Job Reason"]["priority"] == 1
+    # A long operator message is cut to the CRD's limit (a longer one would fail the status write).
+    obj = _obj(job={"target": "pytorchjob", "image": "img:1", "command": ["python", "t.py"]})
+    want = rc.desired(obj)
+    assert isinstance(want, rc.Desired)
+    stored = copy.deepcopy(rc.job_child(want))
+    assert stored is not None
+    stored["metadata"]["uid"] = "j-1"
+    failed = {"type": "Failed", "status": "True", "reason": "PyTorchJobFailed", "message": "x" * 100_000}
+    stored["status"] = {"conditions": [failed]}
+    observed = {rc.child_key(c): copy.deepcopy(c) for c in want.children}
+    observed[rc.child_key(stored)] = stored
+    outcome = rc.decide(obj, want, observed, "t0")
+    assert outcome.status is not None
+    record = outcome.status["job"]
+    assert record["phase"] == "Failed" and len(record["message"]) == rc.JOB_MESSAGE_MAX
+    (event,) = [e for e in outcome.events if e.reason == "JobFailed"]
+    assert event.type == "Warning" and len(event.message) <= rc.EVENT_MAX
