@@ -169,8 +169,8 @@ class Controller:
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return  # being deleted: garbage collection takes the children
-        if type_ in (None, "ADDED"):
-            self.trigger(key)
+        if type_ == "ADDED" or (type_ is None and key not in self._reconciled):
+            self.trigger(key)  # new, or listed at start: reconciled whatever it says
         elif self._new_spec(key):
             # Checked again once no reconcile of it runs: the echo of our own status write is no news.
             self.trigger(key, lambda: self._new_spec(key))
