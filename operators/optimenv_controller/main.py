@@ -13,7 +13,8 @@ import signal
 import click
 import kopf
 
-from optimenv_controller.handlers import Controller, build_registry, make_settings
+from optimenv_controller.controller import Controller
+from optimenv_controller.handlers import build_registry, make_settings
 from optimenv_controller.kube import Kube, KubeError
 from optimenv_controller.metrics import Metrics, configure_logging
 from optimenv_controller.reconcile import JOB_RESOURCES
@@ -35,8 +36,8 @@ async def run(
         kube = Kube.from_environment()
     except KubeError as exc:
         raise click.ClickException(str(exc)) from None
-    controller = Controller(kube, metrics)
-    registry = build_registry(controller, job_kinds=job_kinds)
+    controller = Controller(kube, metrics, job_kinds=job_kinds, namespaces=namespaces)
+    registry = build_registry(controller)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -72,8 +73,9 @@ async def run(
     "job_kinds",
     multiple=True,
     type=click.Choice(sorted(JOB_RESOURCES)),
-    help="Also watch owned jobs of this kind (repeatable), so that a changed or deleted one is "
-    "re-applied at once. Its CRD must be installed. Default: none (repaired on the next OptimEnv change).",
+    help="Also watch jobs of this kind (repeatable): owned ones are cached (no GETs), drift is "
+    "repaired and the job's phase reported at once. Its CRD must be installed. Default: none (jobs "
+    "are read with a GET on each reconcile; their phase is updated on the next OptimEnv change).",
 )
 @click.option(
     "--metrics-port",

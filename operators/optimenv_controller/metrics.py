@@ -10,17 +10,19 @@ from __future__ import annotations
 import logging
 
 import kopf
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 
 class Metrics:
-    """reconciles_total{result}, reconcile_errors_total{reason}, reconcile_duration_seconds."""
+    """reconciles_total{result}, reconcile_errors_total{reason}, reconcile_duration_seconds,
+    cached_objects{cache}."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.reconciles = Counter(
             "optimenv_reconciles",
-            "Reconciles of OptimEnv objects, by result (synced, updated, invalid, conflict, error).",
+            "Reconciles of OptimEnv objects, by result "
+            "(synced, updated, invalid, conflict, failed, gone, error).",
             ["result"],
             registry=self.registry,
         )
@@ -34,6 +36,13 @@ class Metrics:
             "optimenv_reconcile_duration_seconds",
             "Wall time of one reconcile, API calls included.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+
+        self.cached = Gauge(
+            "optimenv_cached_objects",
+            "Objects the controller keeps from its watches, by cache (optimenvs, owned, foreign).",
+            ["cache"],
             registry=self.registry,
         )
 

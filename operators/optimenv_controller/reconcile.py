@@ -18,10 +18,11 @@ from optimenv.config import TrainingConfig, parse_config, parse_yaml
 from optimenv.deepspeed import PRESETS
 from optimenv.errors import ConfigError, OptimEnvError, shown
 from optimenv.limits import check_data
-from optimenv.render import CONFIGMAP_SUFFIXES, CONTENT_HASH_ANNOTATION, object_name
-from optimenv.resource import API_VERSION, GROUP, KIND, Condition, OptimEnvSpec, parse_spec
+from optimenv.render import CONTENT_HASH_ANNOTATION
+from optimenv.resource import API_VERSION, KIND, Condition, JobStatus, OptimEnvSpec, parse_spec
 from optimenv.spec import content_hash
-from optimenv.workload import JOB_KINDS
+from optimenv.workload import JOB_KINDS as JOB_TARGET_KINDS
+from optimenv_controller import lifecycle
 
 FIELD_MANAGER = "optimenv"
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -30,22 +31,27 @@ NAME_LABEL = "optimenv.dev/name"
 MESSAGE_MAX = next(
     m.max_length for m in Condition.model_fields["message"].metadata if hasattr(m, "max_length")
 )
+#: The same for the job's message in status.job.
+JOB_MESSAGE_MAX = next(
+    m.max_length for m in JobStatus.model_fields["message"].metadata if hasattr(m, "max_length")
+)
 
+#: An Event's message limit (the API server's); longer ones are cut.
+EVENT_MAX = 1024
 ChildKey = tuple[str, str, str]  # (apiVersion, kind, name)
 
 #: The job kinds whose owned objects the controller can watch (``--job-kind``): (group, version, plural).
 JOB_RESOURCES: dict[str, tuple[str, str, str]] = {
-    target: (kind.group, kind.version, kind.plural) for target, kind in JOB_KINDS.items()
+    target: (kind.group, kind.version, kind.plural) for target, kind in JOB_TARGET_KINDS.items()
+}
+#: The same kinds as (apiVersion, kind).
+JOB_KINDS: dict[str, tuple[str, str]] = {
+    target: (kind.api_version, kind.kind) for target, kind in JOB_TARGET_KINDS.items()
 }
 
 
 def child_key(body: Mapping[str, Any]) -> ChildKey:
     return (body["apiVersion"], body["kind"], body["metadata"]["name"])
-
-
-def child_configmap_names(name: str) -> tuple[str, ...]:
-    """Names of the ConfigMaps an OptimEnv may own (the renderers' naming convention)."""
-    return tuple(object_name(name, suffix) for suffix in CONFIGMAP_SUFFIXES)
 
 
 def config_map_ref(obj: Mapping[str, Any]) -> str | None:
@@ -77,6 +83,8 @@ class Failure:
 
     reason: str
     message: str
+    # Children that could not be read: left untouched (their status entry too) until readable.
+    children: frozenset[ChildKey] = frozenset()
 
 
 def failure_reason(status: int) -> str:
@@ -221,21 +229,36 @@ def owned_by(child: Mapping[str, Any], obj: Mapping[str, Any]) -> bool:
     return any(r.get("controller") and r.get("uid") == uid and r.get("kind") == KIND for r in refs)
 
 
-def controller_owner(child: Mapping[str, Any]) -> str | None:
-    """The name of the OptimEnv that is ``child``'s controller owner, or None (not one of ours)."""
-    for ref in (child.get("metadata") or {}).get("ownerReferences") or []:
-        group = str(ref.get("apiVersion") or "").rpartition("/")[0]
-        if ref.get("controller") and ref.get("kind") == KIND and group == GROUP and ref.get("name"):
-            name: str = ref["name"]
-            return name
-    return None
-
-
-def managed_metadata(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What :func:`in_sync` compares of a job child: enough to recognise the echo of its apply."""
+def managed_fields(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`as_applied` compares of a child: the metadata we manage, and a job's spec."""
     meta = body["metadata"]
     keep = ("name", "labels", "annotations", "ownerReferences")
-    return {"kind": body["kind"], "metadata": {k: meta[k] for k in keep if k in meta}}
+    fields = {"kind": body["kind"], "metadata": {k: meta[k] for k in keep if k in meta}}
+    if body["kind"] != "ConfigMap" and "spec" in body:
+        fields["spec"] = body["spec"]
+    return fields
+
+
+def as_applied(observed: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """Whether ``observed`` is still what applying ``wanted`` (:func:`managed_fields`) left.
+
+    A ConfigMap's data is checked against its own content-hash annotation (itself compared with
+    the wanted one), so the payload need not be kept in memory twice.
+    """
+    if wanted["kind"] == "ConfigMap":
+        return _meta_in_sync(observed, wanted) and child_intact(observed)
+    return in_sync(observed, wanted)
+
+
+def job_status_changed(obj: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
+    """Whether ``job`` as observed would change ``obj``'s ``status.job`` (a transition to report)."""
+    old = job_status_of(obj.get("status") or {}, job)
+    new = _clip_record(lifecycle.job_record(job, old, obj["metadata"].get("generation") or 0))
+
+    def same(record: Mapping[str, Any] | None) -> Any:
+        return {k: v for k, v in (record or {}).items() if v is not None and k != "observedGeneration"}
+
+    return bool(same(old) != same(new))
 
 
 def child_intact(child: Mapping[str, Any]) -> bool:
@@ -246,20 +269,58 @@ def child_intact(child: Mapping[str, Any]) -> bool:
     return owned and stamp is not None and stamp == content_hash(dict(child.get("data") or {}))
 
 
-def in_sync(observed: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
-    """Whether applying ``want`` would change nothing we manage in ``observed``."""
+def _meta_in_sync(observed: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
     o_meta, w_meta = observed.get("metadata") or {}, want["metadata"]
     for key in ("labels", "annotations"):
         have = o_meta.get(key) or {}
         if any(have.get(k) != v for k, v in (w_meta.get(key) or {}).items()):
             return False
-    if not all(ref in (o_meta.get("ownerReferences") or []) for ref in w_meta["ownerReferences"]):
+    return all(ref in (o_meta.get("ownerReferences") or []) for ref in w_meta["ownerReferences"])
+
+
+def in_sync(observed: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
+    """Whether applying ``want`` would change nothing we manage in ``observed``."""
+    if not _meta_in_sync(observed, want):
         return False
+    if want["kind"] != "ConfigMap":
+        # Jobs are defaulted by the API server and webhooks: every field we set must still hold.
+        return "spec" not in want or covers(observed.get("spec"), want["spec"])
     # ConfigMaps are not defaulted by the server: compare the payload too, to undo hand edits.
-    return want["kind"] != "ConfigMap" or (
-        (observed.get("data") or {}) == (want.get("data") or {})
-        and (observed.get("binaryData") or {}) == (want.get("binaryData") or {})
-    )
+    return (observed.get("data") or {}) == (want.get("data") or {}) and (
+        observed.get("binaryData") or {}
+    ) == (want.get("binaryData") or {})
+
+
+def covers(have: Any, want: Any) -> bool:
+    """Whether ``have`` holds every field of ``want`` with its value (fields added by others are fine).
+
+    Lists of named items (containers, env, volumes: list maps keyed by ``name``) are matched by name,
+    other lists item by item; scalars must be equal.
+    """
+    if isinstance(want, Mapping):
+        return isinstance(have, Mapping) and all(k in have and covers(have[k], v) for k, v in want.items())
+    if isinstance(want, list):
+        if not isinstance(have, list):
+            return False
+        if all(isinstance(w, Mapping) and "name" in w for w in want):
+            named = {h.get("name"): h for h in have if isinstance(h, Mapping)}
+            return all(w["name"] in named and covers(named[w["name"]], w) for w in want)
+        return len(have) == len(want) and all(covers(h, w) for h, w in zip(have, want, strict=True))
+    return bool(have == want)
+
+
+def job_child(want: Desired) -> dict[str, Any] | None:
+    """The job among the children of ``want`` (None: ConfigMaps only)."""
+    return next((c for c in want.children if c["kind"] != "ConfigMap"), None)
+
+
+def job_status_of(status: Mapping[str, Any], job: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``status.job`` if it describes ``job`` (same kind and name), else None."""
+    record = status.get("job")
+    if job is None or not isinstance(record, Mapping):
+        return None
+    same = (record.get("kind"), record.get("name")) == (job["kind"], job["metadata"]["name"])
+    return dict(record) if same else None
 
 
 def decide(
@@ -271,14 +332,16 @@ def decide(
 ) -> Outcome:
     """The writes, status and Events that bring the cluster to ``want``.
 
-    ``failure``: a child the API refused (it is left out of ``want``); Ready says so unless a name
-    conflict, which blocks every write, is the bigger problem. ConfigMaps are written before jobs.
+    ``failure``: the API refused something for good; the children it names are left as they are.
+    Ready says so unless a name conflict, which blocks every write, is the bigger problem.
+    ConfigMaps are written before the job. The job follows :mod:`lifecycle`'s rules: a finished job
+    is never written or re-created, one deleted before it finished waits for a new generation.
     """
     old_status = obj.get("status") or {}
     generation = obj["metadata"].get("generation")
     summary = old_status.get("plan")
+    record = old_status.get("job")
     applies: list[Apply] = []
-    events: list[Event] = []
     conflict: str | None = None
 
     if isinstance(want, Invalid):
@@ -288,24 +351,13 @@ def decide(
     else:
         valid = ("True", "Planned", "the config plans cleanly")
         summary = want.summary
-        for body in want.children:
-            have = observed.get(child_key(body))
-            if have is not None and not owned_by(have, obj):
-                conflict = (
-                    f"{body['kind']} {body['metadata']['name']!r} exists and is not owned by this OptimEnv"
-                )
-                break
-            if have is None:
-                applies.append(Apply(body, force=False, verb="Created"))
-            elif not in_sync(have, body):
-                applies.append(Apply(body, force=True, verb="Updated"))
+        applies, conflict, record, note = _writes(obj, want, observed, failure)
         if conflict is not None:
-            applies = []
             ready = ("False", "NameConflict", conflict + "; rename or delete it (the controller never will)")
         elif failure is not None:
             ready = ("False", failure.reason, failure.message)
         else:
-            ready = ("True", "Applied", f"{len(want.children)} children in sync")
+            ready = ("True", "Applied", note)
 
     # Clipped to the CRD's maxLength before comparing with the stored (clipped) messages.
     ready, valid = (ready[0], ready[1], _clip(ready[2])), (valid[0], valid[1], _clip(valid[2]))
@@ -313,19 +365,87 @@ def decide(
         _condition(old_status, "Ready", ready, generation, now),
         _condition(old_status, "Valid", valid, generation, now),
     ]
-    status: dict[str, Any] = {"observedGeneration": generation, "conditions": conditions, "plan": summary}
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": conditions,
+        "plan": summary,
+        "job": _clip_record(record),
+    }
+    events = [*apply_events(obj, applies), *_warnings(old_status, valid, ready, conflict, failure)]
+    moved = lifecycle.transition(old_status.get("job"), status["job"])
+    if moved is not None:
+        events.append(Event(moved[0], moved[1], _clip(moved[2], EVENT_MAX)))
+    changed = _comparable(status) != _comparable(old_status)
+    return Outcome(tuple(applies), status if changed else None, tuple(events), conflict)
 
+
+def _writes(
+    obj: Mapping[str, Any],
+    want: Desired,
+    observed: Mapping[ChildKey, Mapping[str, Any] | None],
+    failure: Failure | None,
+) -> tuple[list[Apply], str | None, dict[str, Any] | None, str]:
+    """The children to write, a name conflict, the job's status entry and Ready's message."""
+    generation = obj["metadata"].get("generation") or 0
+    job = job_child(want)
+    old_record = job_status_of(obj.get("status") or {}, job)
+    refused = failure.children if failure is not None else frozenset()
+    applies: list[Apply] = []
+    left: str | None = None
+    for body in want.children:
+        key = child_key(body)
+        have = observed.get(key)
+        if key in refused:
+            continue
+        if have is not None and not owned_by(have, obj):
+            what = f"{body['kind']} {body['metadata']['name']!r} exists and is not owned by this OptimEnv"
+            return [], what, _record(job, None, obj, refused), ""
+        action = lifecycle.job_action(old_record, have, generation) if body is job else None
+        if action == "leave":
+            left = "left as it is" if have is not None else "not re-created"
+        elif have is None:
+            applies.append(Apply(body, force=False, verb="Created"))
+        elif not in_sync(have, body):
+            applies.append(Apply(body, force=True, verb="Updated"))
     # The job goes last: it mounts the ConfigMaps, and a refused job must not hold them back.
     applies.sort(key=lambda a: a.body["kind"] != "ConfigMap")
-    events.extend(apply_events(applies))
+    record = _record(job, observed.get(child_key(job)) if job else None, obj, refused)
+    note = f"{len(want.children) - (left == 'not re-created')} children in sync"
+    if left is not None and record is not None:
+        note += f"; {record['kind']} {record['name']} is {record['phase']} ({record['reason']}): {left}"
+    return applies, None, record, note
+
+
+def _record(
+    job: Mapping[str, Any] | None,
+    have: Mapping[str, Any] | None,
+    obj: Mapping[str, Any],
+    refused: frozenset[ChildKey],
+) -> dict[str, Any] | None:
+    """``status.job`` for the wanted ``job`` as observed (``have``); kept as it was if unreadable."""
+    old_status = obj.get("status") or {}
+    if job is None:
+        return None
+    old = job_status_of(old_status, job)
+    if child_key(job) in refused:
+        return old
+    if have is not None and not owned_by(have, obj):
+        have = None  # someone else's object holds the name: ours is gone
+    return lifecycle.job_record(have, old, obj["metadata"].get("generation") or 0)
+
+
+def _warnings(
+    old_status: Mapping[str, Any],
+    valid: tuple[str, str, str],
+    ready: tuple[str, str, str],
+    conflict: str | None,
+    failure: Failure | None,
+) -> list[Event]:
+    """Warning Events for what newly went wrong (each distinct message once)."""
+    events: list[Event] = []
     old_valid = _find(old_status, "Valid")
     if valid[0] == "False" and (
-        old_valid is None
-        or (old_valid.get("status"), old_valid.get("message"))
-        != (
-            valid[0],
-            valid[2],
-        )
+        old_valid is None or (old_valid.get("status"), old_valid.get("message")) != (valid[0], valid[2])
     ):
         events.append(Event("Warning", "Invalid", valid[2]))
     old_ready = _find(old_status, "Ready")
@@ -337,26 +457,37 @@ def decide(
         and (old_ready is None or (old_ready.get("reason"), old_ready.get("message")) != ready[1:])
     ):
         events.append(Event("Warning", failure.reason, ready[2]))
-
-    changed = _comparable(status) != _comparable(old_status)
-    return Outcome(tuple(applies), status if changed else None, tuple(events), conflict)
+    return events
 
 
-def apply_events(applies: list[Apply] | tuple[Apply, ...]) -> list[Event]:
-    """One Event per verb, naming every child it concerns."""
+def apply_events(obj: Mapping[str, Any], applies: list[Apply] | tuple[Apply, ...]) -> list[Event]:
+    """One Event per verb, naming every child it concerns.
+
+    Not for the first creation of a new OptimEnv's children: its status says the same, and one more
+    API call per object would weigh on every bulk creation. A child created later (deleted by hand,
+    or new with a spec change) is an Event.
+    """
+    first = (obj.get("status") or {}).get("observedGeneration") is None
     events = []
-    for verb in ("Created", "Updated"):
+    for verb in ("Updated",) if first else ("Created", "Updated"):
         done = [f"{a.body['kind']} {a.body['metadata']['name']}" for a in applies if a.verb == verb]
         if done:
             events.append(Event("Normal", verb, f"{verb.lower()} " + ", ".join(done)))
     return events
 
 
-def _clip(message: str) -> str:
-    if len(message) <= MESSAGE_MAX:
+def _clip(message: str, limit: int = MESSAGE_MAX) -> str:
+    if len(message) <= limit:
         return message
     marker = " … (truncated)"
-    return message[: MESSAGE_MAX - len(marker)] + marker
+    return message[: limit - len(marker)] + marker
+
+
+def _clip_record(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The job's status entry with its message cut to the CRD's limit (operators' messages are long)."""
+    if record is None:
+        return None
+    return {**record, "message": _clip(str(record.get("message") or ""), JOB_MESSAGE_MAX)}
 
 
 def _find(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
@@ -385,9 +516,12 @@ def _condition(
 
 
 def _comparable(status: Mapping[str, Any]) -> Any:
+    job = status.get("job")
     return {
         "observedGeneration": status.get("observedGeneration"),
         "plan": status.get("plan"),
+        # A merge patch drops null fields: a stored entry never has them.
+        "job": {k: v for k, v in job.items() if v is not None} if isinstance(job, Mapping) else None,
         "conditions": sorted(
             (
                 {k: v for k, v in cond.items() if k != "lastTransitionTime"}

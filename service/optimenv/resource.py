@@ -123,6 +123,33 @@ class PlanSummary(BaseModel):
     hash: str | None = Field(None, description="Content hash of the worker spec.")
 
 
+JobPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Stopped"]
+
+
+class JobStatus(BaseModel):
+    """The owned job's lifecycle, mapped from its operator's own status."""
+
+    model_config = _STRICT
+
+    kind: str = Field(description="RayJob, PyTorchJob or TrainJob.")
+    name: str = Field(description="Name of the job (the OptimEnv's).")
+    uid: str | None = Field(None, description="uid of the job object this entry describes.")
+    phase: JobPhase = Field(description="Pending, Running, Succeeded, Failed or Stopped.")
+    reason: str = Field(
+        max_length=1024, description="Why: the operator's own state or reason, or JobDeleted."
+    )
+    message: str = Field("", max_length=4096, description="The operator's message, if any.")
+    startTime: str | None = Field(
+        None, json_schema_extra={"format": "date-time"}, description="When the job started."
+    )
+    completionTime: str | None = Field(
+        None, json_schema_extra={"format": "date-time"}, description="When the job finished."
+    )
+    observedGeneration: int | None = Field(
+        None, ge=0, description="metadata.generation of the OptimEnv when this entry was written."
+    )
+
+
 class OptimEnvStatus(BaseModel):
     """Observed state, written by the controller through the status subresource."""
 
@@ -135,6 +162,7 @@ class OptimEnvStatus(BaseModel):
         description="Ready and Valid, with reason, message and observedGeneration.",
     )
     plan: PlanSummary | None = Field(None, description="Summary of the last good plan.")
+    job: JobStatus | None = Field(None, description="The owned job's phase, when spec.job is set.")
 
 
 def parse_spec(data: Mapping[str, Any] | None) -> OptimEnvSpec:
@@ -258,6 +286,8 @@ def crd_manifest() -> dict[str, Any]:
             {"name": "Target", "type": "string", "jsonPath": ".spec.job.target"},
             {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status"},
             {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1},
+            {"name": "Job", "type": "string", "jsonPath": ".status.job.phase"},
+            {"name": "Job Reason", "type": "string", "jsonPath": ".status.job.reason", "priority": 1},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         "schema": {"openAPIV3Schema": schema},

@@ -62,7 +62,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
 
 ALL_VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
 CONTROLLER_RULES = [
-    {"apiGroups": ["optimenv.dev"], "resources": ["optimenvs"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["optimenv.dev"], "resources": ["optimenvs"], "verbs": ["list", "watch"]},
     {"apiGroups": ["optimenv.dev"], "resources": ["optimenvs/status"], "verbs": ["patch"]},
     {"apiGroups": ["optimenv.dev"], "resources": ["optimenvs/finalizers"], "verbs": ["update"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "patch"]},

@@ -7,8 +7,14 @@ controller's contract depends on (see machine-notes.md, kmock limits):
   changes, never by a ``/status`` write) are stamped on every stored object;
 - a server-side apply (``PATCH`` with ``application/apply-patch+yaml``) of a missing object creates
   it, as the API server does; other patches of a missing object answer 404;
+- deleting an object with finalizers marks it (``deletionTimestamp``, a MODIFIED event); it goes
+  when the last finalizer is removed;
 - the state changes only when the emulator itself answers: a scripted answer (an injected 409, 429,
-  500, a slow reply) leaves the stored objects untouched, as a failed request does on a real server.
+  500, a slow reply) leaves the stored objects untouched, as a failed request does on a real server;
+- lists and watches honour ``labelSelector`` (``k=v``, ``k!=v``, ``k``, ``!k``); a list says its
+  resourceVersion, and a watch from a resourceVersion replays only the events after it (kmock's own
+  watch replays every object); an object whose labels move it into or out of a watch's selection
+  shows there as ADDED or DELETED, as on a real server.
 
 Apply is still a dict merge (no field ownership): where ownership matters, tests script the answer.
 """
@@ -20,9 +26,8 @@ import copy
 import datetime
 import gzip
 import importlib.resources
-import itertools
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import kmock
@@ -46,7 +51,9 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
-        self._rv = itertools.count(1)
+        self._version = 0  # the last resourceVersion given out
+        # Every event ever published, per resource, with its resourceVersion: what a watch replays.
+        self._log: dict[Any, list[tuple[int, dict[str, Any]]]] = {}
         self._received: dict[int, float] = {}
         # kmock's load_bundled() uses a deprecated importlib call (warnings are errors here).
         bundled = importlib.resources.files("kmock._internal").joinpath("resources.json.gz").read_bytes()
@@ -105,7 +112,12 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
     def put_object(self, resource: str, body: dict[str, Any]) -> None:
         """Store an object as if a user had created it (no request is recorded)."""
         meta = body.setdefault("metadata", {})
-        key = (kmock.resource(resource), meta.get("namespace"), meta["name"])
+        ref = kmock.resource(resource)
+        key = (ref, meta.get("namespace"), meta["name"])
+        info = self.resources.get(ref)
+        body.setdefault("apiVersion", f"{ref.group}/{ref.version}" if ref.group else ref.version)
+        if info is not None:
+            body.setdefault("kind", info.kind)
         self._stamp(body, None)
         self.objects[key] = body
 
@@ -115,20 +127,44 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
         old_meta = (old or {}).get("metadata", {})
         meta["uid"] = old_meta.get("uid") or meta.get("uid") or str(uuid.uuid4())
         meta["creationTimestamp"] = old_meta.get("creationTimestamp") or _now()
-        meta["resourceVersion"] = str(next(self._rv))
+        meta["resourceVersion"] = str(self._next_version())
         generation = old_meta.get("generation", 0)
         if old is None or (not status_only and new.get("spec") != old.get("spec")):
             generation += 1
         meta["generation"] = generation
 
+    def _next_version(self) -> int:
+        self._version += 1
+        return self._version
+
     def received_at(self, request: rendering.Request) -> float:
         """When the request arrived (event-loop clock)."""
         return self._received[request.id]
 
+    def _discovery(self, request: rendering.Request) -> Callable[[rendering.Request], Any] | None:
+        """kmock's discovery document for this GET, as its fallback reactions choose it."""
+        path = request.url.path.rstrip("/") or "/"
+        if request.method.value != "GET":
+            return None
+        fixed = {
+            "/": self._serve_root,
+            "/api": self._serve_api,
+            "/apis": self._serve_apis,
+            "/version": self._serve_server_version,
+        }
+        if path in fixed:
+            return fixed[path]
+        parts = path.strip("/").split("/")
+        if (parts[0] == "apis" and len(parts) == 3) or (parts[0] == "api" and len(parts) == 2):
+            return self._serve_version
+        if parts[0] == "apis" and len(parts) == 2:
+            return self._serve_group
+        return None
+
     async def _handle(self, request: rendering.Request) -> Any:
         self._received[request.id] = asyncio.get_running_loop().time()
         plural = request.resource.plural if request.resource is not None else None
-        serve = self._direct.get(request.action) if plural else None  # not for discovery documents
+        serve = self._direct.get(request.action) if plural else self._discovery(request)
         if serve is not None and len(self._payloads) == self._builtin:
             # Nothing scripted: answer directly. kmock's matching re-reads every recorded request for
             # each request (quadratic), too slow for the benchmark's tens of thousands of requests.
@@ -137,9 +173,70 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
         # the state changes below, in the fallback reactions, only when the emulator answers.
         return await kmock.KubernetesScaffold._handle(self, request)
 
-    async def _publish(self, request: rendering.Request, kind: str, raw: dict[str, Any]) -> None:
+    async def _publish(
+        self, request: rendering.Request, kind: str, raw: dict[str, Any], old: dict[str, Any] | None = None
+    ) -> None:
         assert request.resource is not None
-        await self._buses[request.resource].put({"type": kind, "object": raw})
+        if kind == "DELETED":  # a deletion has its own resourceVersion on a real server
+            raw = {**raw, "metadata": {**raw["metadata"], "resourceVersion": str(self._next_version())}}
+        version = int(raw["metadata"]["resourceVersion"])
+        event = {"type": kind, "object": raw, "old": old}
+        self._log.setdefault(request.resource, []).append((version, event))
+        await self._buses[request.resource].put(event)
+
+    async def _serve_list(self, request: rendering.Request) -> Any:
+        if request.resource not in self._get_resources():
+            raise kmock.KubernetesResourceNotFoundError()
+        match = selector(request.params.get("labelSelector"))
+        async with self._lock:
+            items = [
+                obj.raw
+                for (resource, namespace, _), obj in self.objects.items()
+                if resource == request.resource
+                and not obj.deleted
+                and request.namespace in (None, namespace)
+                and match(obj.raw)
+            ]
+            version = str(self._version)
+        # As a real API server says it: <Kind>List, whose items clients take the kind from.
+        info = self.resources.get(request.resource)
+        kind = f"{info.kind}List" if info is not None else "List"
+        group = request.resource.group
+        api_version = f"{group}/{request.resource.version}" if group else request.resource.version
+        return {
+            "apiVersion": api_version,
+            "kind": kind,
+            "metadata": {"resourceVersion": version},
+            "items": items,
+        }
+
+    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[Any]:
+        yield b""  # the headers go out now, even if nothing happens
+        assert request.resource is not None
+        match = selector(request.params.get("labelSelector"))
+        since = request.params.get("resourceVersion")
+        bus = self._buses[request.resource]
+        async with self._lock:
+            mark = await bus.mark()  # under the lock: nothing is published between it and the replay
+            if since and since != "0":
+                replay = [e for v, e in self._log.get(request.resource, []) if v > int(since)]
+            else:  # no resourceVersion: the current objects, then what follows
+                replay = [
+                    {"type": "ADDED", "object": obj.raw, "old": None}
+                    for (res, _, _), obj in self.objects.items()
+                    if res == request.resource and not obj.deleted
+                ]
+        try:
+            for event in replay:
+                shown = _as_seen(event, request.namespace, match)
+                if shown is not None:
+                    yield shown
+            async for event in bus.stream(since=mark):
+                shown = _as_seen(event, request.namespace, match)
+                if shown is not None:
+                    yield shown
+        finally:
+            await bus.unmark(mark)
 
     def _key(self, request: rendering.Request, data: dict[str, Any] | None = None) -> Any:
         meta = (data or {}).get("metadata", {})
@@ -192,19 +289,29 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
                 if not apply or status_only:
                     raise kmock.KubernetesObjectNotFoundError()
                 return await self._insert(request, key, copy.deepcopy(request.data))
-            old = live.raw
             patch = copy.deepcopy(request.data)
             if status_only:  # the /status subresource ignores everything but status
                 patch = {"status": patch.get("status")}
             elif "status" in patch:  # and the main resource ignores status
                 patch = {k: v for k, v in patch.items() if k != "status"}
-            live.patch(patch)
-            new = dict(live.raw)
-            new["metadata"] = dict(new.get("metadata", {}))
-            self._stamp(new, old, status_only=status_only)
-            live.history[-1] = new
-            raw = live.raw
-            await self._publish(request, "MODIFIED", raw)
+            return await self._modify(request, live, patch, status_only=status_only)
+
+    async def _modify(
+        self, request: rendering.Request, live: Any, patch: dict[str, Any], *, status_only: bool = False
+    ) -> Any:
+        """Patch a stored object (the lock held); one that is being deleted goes once its finalizers do."""
+        old = live.raw
+        live.patch(patch)
+        new = dict(live.raw)
+        new["metadata"] = dict(new.get("metadata", {}))
+        self._stamp(new, old, status_only=status_only)
+        live.history[-1] = new
+        raw = live.raw
+        if raw["metadata"].get("deletionTimestamp") and not raw["metadata"].get("finalizers"):
+            live.delete()
+            await self._publish(request, "DELETED", raw)
+        else:
+            await self._publish(request, "MODIFIED", raw, old)
         return raw
 
     async def _serve_delete(self, request: rendering.Request) -> Any:
@@ -213,10 +320,54 @@ class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
             live = self._live(key)
             if live is None:
                 raise kmock.KubernetesObjectNotFoundError()
+            if live.raw["metadata"].get("finalizers"):  # marked; deleted when the last finalizer goes
+                if live.raw["metadata"].get("deletionTimestamp"):
+                    return live.raw
+                return await self._modify(request, live, {"metadata": {"deletionTimestamp": _now()}})
             raw = live.raw
             live.delete()
             await self._publish(request, "DELETED", raw)
         return raw
+
+
+def selector(text: str | None) -> Callable[[Mapping[str, Any]], bool]:
+    """A label selector (equality-based terms, comma-joined) as a predicate on an object."""
+    terms: list[Callable[[Mapping[str, str]], bool]] = []
+    for term in filter(None, (t.strip() for t in (text or "").split(","))):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            terms.append(lambda labels, k=key, v=value: labels.get(k) != v)
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            terms.append(lambda labels, k=key, v=value: labels.get(k) == v)
+        elif term.startswith("!"):
+            terms.append(lambda labels, k=term[1:]: k not in labels)
+        elif " " in term:
+            raise ValueError(f"set-based selector terms are not emulated: {term!r}")
+        else:
+            terms.append(lambda labels, k=term: k in labels)
+
+    def match(obj: Mapping[str, Any]) -> bool:
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        return all(term(labels) for term in terms)
+
+    return match
+
+
+def _as_seen(
+    event: Mapping[str, Any], namespace: str | None, match: Callable[[Mapping[str, Any]], bool]
+) -> dict[str, Any] | None:
+    """An event as a watch with this namespace and selector sees it (None: not at all)."""
+    obj, old = event["object"], event.get("old")
+    if namespace is not None and obj.get("metadata", {}).get("namespace") != namespace:
+        return None
+    now, before = match(obj), old is not None and match(old)
+    kind = event["type"]
+    if kind == "MODIFIED" and now != before:
+        kind = "ADDED" if now else "DELETED"
+    elif not now and not (kind == "DELETED" and before):
+        return None
+    return {"type": kind, "object": obj}
 
 
 def scripted(

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import kopf
 
-from optimenv_controller.handlers import Controller, build_registry, make_settings
+from optimenv_controller.controller import Controller
+from optimenv_controller.handlers import build_registry, make_settings
 from optimenv_controller.kube import Kube
 
 
@@ -20,15 +21,11 @@ class Running:
 
 
 def fast_settings() -> kopf.OperatorSettings:
-    """The production settings with test-sized timeouts and backoffs (each test stays in seconds)."""
+    """The production settings with test-sized timeouts (each test stays in seconds)."""
     settings = make_settings()
     settings.networking.error_backoffs = [0.1, 0.2, 0.3]
     settings.networking.request_timeout = 5
-    settings.queueing.idle_timeout = 0.5
     settings.queueing.exit_timeout = 0.5
-    settings.watching.reconnect_backoff = 0.05
-    settings.watching.server_timeout = 30
-    settings.watching.client_timeout = 35
     return settings
 
 
@@ -39,10 +36,11 @@ async def running_operator(
     kube_timeout: float = 30.0,
     tune: Callable[[kopf.OperatorSettings], None] | None = None,
     job_kinds: tuple[str, ...] = (),
+    namespaces: tuple[str, ...] = (),
 ) -> AsyncIterator[Running]:
     kube = Kube.for_server(url, timeout=kube_timeout)
-    controller = Controller(kube)
-    registry = build_registry(controller, login_url=url, job_kinds=job_kinds)
+    controller = Controller(kube, job_kinds=job_kinds, namespaces=namespaces)
+    registry = build_registry(controller, login_url=url)
     settings = fast_settings()
     if tune is not None:
         tune(settings)

@@ -63,8 +63,13 @@ async def test_controller_process_reconciles_and_serves_probes_and_metrics(
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{health_port}/healthz") as response:
                 assert response.status == 200
-            async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
-                text = await response.text()
+            # The counter moves when the reconcile ends: after its status write and its Event.
+            for _ in range(50):
+                async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                    text = await response.text()
+                if 'optimenv_reconciles_total{result="updated"}' in text:
+                    break
+                await asyncio.sleep(0.1)
         assert 'optimenv_reconciles_total{result="updated"} 1.0' in text
     finally:
         proc.send_signal(signal.SIGTERM)

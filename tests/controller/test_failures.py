@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+from collections.abc import Callable
 
 import kmock as km
 
-from optimenv_controller.handlers import MAX_DELAY, backoff
+from optimenv_controller.controller import MAX_DELAY, backoff
 from tests.controller.apiserver import ApiServer, eventually, scripted, settle, status_body
 from tests.controller.conftest import NS, optimenv
 from tests.controller.harness import running_operator
@@ -41,6 +42,30 @@ PT = f"{PT_COLLECTION}/demo"
 def _ready_reason(api: ApiServer) -> str | None:
     reason = condition(api, "demo", "Ready").get("reason")
     return str(reason) if reason is not None else None
+
+
+class BrokenWatch:
+    """Scripts the first two watches that ``pred`` matches: the first ends with 410 Gone once
+    ``gate`` is set; the second (after the re-list) sends nothing until ``release`` is set, as a real
+    API server's watch from the list's resourceVersion does when nothing changes."""
+
+    def __init__(self, api: ApiServer, pred: Callable[[km.Request], bool]) -> None:
+        self.gate, self.release = asyncio.Event(), asyncio.Event()
+        self.watches: list[int] = []
+        api[scripted(lambda r: r.action == km.action.WATCH and pred(r), times=2)] << self._answer
+
+    async def _answer(self, request: km.Request) -> tuple[dict[str, object], ...]:
+        self.watches.append(request.id)
+        if len(self.watches) == 1:
+            await self.gate.wait()
+            return ({"type": "ERROR", "object": status_body(410, "Expired", "too old resource version")},)
+        await self.release.wait()
+        return ()
+
+
+def _foreign_configmaps(r: km.Request) -> bool:
+    """kopf's list or watch of the ConfigMaps without the controller's label (a referenced one)."""
+    return r.resource == km.resource(CM) and "!=" in r.params.get("labelSelector", "")
 
 
 async def _quiet_for(api: ApiServer, seconds: float) -> None:
@@ -113,23 +138,28 @@ async def test_invalid_apply_422_is_reported_apply_failed(kmock: ApiServer) -> N
 
 
 async def test_object_appearing_between_read_and_create_is_never_adopted(kmock: ApiServer) -> None:
-    # A user's ConfigMap of a child's name exists, but the controller's read races ahead of it (404).
+    """A user's ConfigMap of a child's name appears unseen (stored without a watch event): the
+    controller's create is refused with 409, it reads the holder and reports it, never adopts it."""
     user_cm = {
         "metadata": {"name": "demo-env", "namespace": NS, "labels": {"team": "data"}},
         "data": {"K": "1"},
     }
-    kmock.put_object(CM, user_cm)
-    snapshot = copy.deepcopy(kmock.obj(CM, NS, "demo-env"))
-    get_env = scripted(lambda r: r.method.value == "GET" and r.url.path == f"{CM_PATH}/demo-env")
-    kmock[get_env] << 404 << status_body(404, "NotFound", 'configmaps "demo-env" not found')
-    kmock.put_object(OE, optimenv())
-    async with running_operator(str(kmock.url)):
+    async with running_operator(str(kmock.url)) as op:
+        await eventually(lambda: any(r.action == km.action.WATCH for r in kmock))
+        await settle(kmock)
+        kmock.put_object(CM, user_cm)  # no event: neither kopf nor the cache knows it
+        snapshot = copy.deepcopy(kmock.obj(CM, NS, "demo-env"))
+        async with kmock.post(OE_PATH, json=optimenv(), headers={"Connection": "close"}) as response:
+            assert response.status == 200, await response.text()
         await eventually(lambda: _ready_reason(kmock) == "NameConflict", timeout=15)
         await settle(kmock)
+        assert op.controller.metrics.reconciles.labels(result="conflict")._value.get() == 1
     assert kmock.obj(CM, NS, "demo-env") == snapshot  # untouched: no owner reference, no merged keys
     writes = kmock.writes()
     refused = [r for r in creates(writes) if r.data["metadata"]["name"] == "demo-env"]
-    assert len(refused) == 1  # the POST got 409 AlreadyExists; the retry read it and stopped
+    assert len(refused) == 1  # the POST got 409 AlreadyExists; the holder was read and reported
+    (read,) = [r for r in kmock if r.action == km.action.FETCH]
+    assert read.url.path == f"{CM_PATH}/demo-env"
     assert not [r for r in applies(writes) if r.url.path == f"{CM_PATH}/demo-env"]
     assert "ConfigMap 'demo-env' exists and is not owned" in condition(kmock, "demo", "Ready")["message"]
 
@@ -158,23 +188,7 @@ async def test_referenced_configmap_changed_while_its_watch_was_down_is_caught_u
     y1 = "base_model: m\nfsdp_version: 2\nfsdp_config:\n  offload_params: false\n"
     kmock.put_object(CM, {"metadata": {"name": "train-cfg", "namespace": NS}, "data": {"config.yaml": y1}})
     kmock.put_object(OE, optimenv(spec={"configMapRef": {"name": "train-cfg"}}))
-    gate, release = asyncio.Event(), asyncio.Event()
-    watches: list[int] = []
-
-    def cm_watch(r: km.Request) -> bool:
-        return r.action == km.action.WATCH and r.resource == km.resource(CM)
-
-    async def broken_then_quiet(request: km.Request) -> tuple[dict[str, object], ...]:
-        watches.append(request.id)
-        if len(watches) == 1:  # the first watch ends with 410 Gone once the edit is made
-            await gate.wait()
-            return ({"type": "ERROR", "object": status_body(410, "Expired", "too old resource version")},)
-        # The watch after the re-list sends nothing, as a real API server's watch from the list's
-        # resourceVersion does (kmock's own watch would replay every object as ADDED).
-        await release.wait()
-        return ()
-
-    kmock[scripted(cm_watch, times=2)] << broken_then_quiet
+    broken = BrokenWatch(kmock, _foreign_configmaps)
     async with running_operator(str(kmock.url)):
         await eventually(lambda: ready(kmock))
         await settle(kmock)
@@ -183,13 +197,13 @@ async def test_referenced_configmap_changed_while_its_watch_was_down_is_caught_u
         kmock.put_object(
             CM, {"metadata": {"name": "train-cfg", "namespace": NS}, "data": {"config.yaml": y2}}
         )
-        gate.set()
+        broken.gate.set()
         try:
             await eventually(lambda: "FSDP_OFFLOAD_PARAMS" in (kmock.obj(CM, NS, "demo-env") or {})["data"])
-            assert len(watches) == 2  # the change came through the re-list, not a replaying watch
+            assert len(broken.watches) == 2  # the change came through the re-list, not a replaying watch
         finally:
-            release.set()
-    lists = [r for r in kmock if r.action == km.action.LIST and r.resource == km.resource(CM)]
+            broken.release.set()
+    lists = [r for r in kmock if r.action == km.action.LIST and _foreign_configmaps(r)]
     assert len(lists) >= 2
 
 
@@ -214,3 +228,25 @@ async def test_resync_repairs_a_missed_change_and_writes_nothing_otherwise(kmock
     (repair,) = applies(kmock.writes(since=mark))
     assert repair.url.path == f"{CM_PATH}/demo-env" and repair.params["force"] == "true"
     assert (kmock.obj(CM, NS, "demo-env") or {})["data"]["ACCELERATE_MIXED_PRECISION"] == "bf16"
+
+
+async def test_child_deleted_while_the_cache_watch_was_down_is_created_again(kmock: ApiServer) -> None:
+    kmock.put_object(OE, optimenv())
+    owned = "app.kubernetes.io/managed-by=optimenv"
+    broken = BrokenWatch(
+        kmock, lambda r: r.resource == km.resource(CM) and r.params.get("labelSelector") == owned
+    )
+    async with running_operator(str(kmock.url)):
+        await eventually(lambda: ready(kmock))
+        await settle(kmock)
+        mark = kmock.count
+        kmock.objects[(km.resource(CM), NS, "demo-spec")].delete()  # gone without a watch event
+        broken.gate.set()
+        try:
+            await eventually(lambda: kmock.obj(CM, NS, "demo-spec") is not None)
+            await settle(kmock)
+        finally:
+            broken.release.set()
+    (created,) = creates(kmock.writes(since=mark))  # the new list missed it: reported as deleted
+    assert created.data["metadata"]["name"] == "demo-spec"
+    assert len(broken.watches) == 2

@@ -12,6 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from optimenv.cli import cli
+from optimenv.render import CONFIGMAP_SUFFIXES
 from optimenv_controller import reconcile as rc
 from optimenv_controller.metrics import Metrics
 from tests.controller.conftest import optimenv
@@ -96,7 +97,7 @@ def test_deepspeed_file_paths_are_refused_the_controller_reads_no_local_files() 
 def test_child_names_follow_the_renderers() -> None:
     want = rc.desired(_obj())
     assert isinstance(want, rc.Desired)
-    assert {c["metadata"]["name"] for c in want.children} == set(rc.child_configmap_names("demo"))
+    assert {c["metadata"]["name"] for c in want.children} == {f"demo-{s}" for s in CONFIGMAP_SUFFIXES}
 
 
 def test_controller_command_options() -> None:
@@ -111,31 +112,39 @@ def test_controller_command_options() -> None:
     assert unknown.exit_code == 2 and "'mpijob' is not one of" in unknown.output
 
 
-def test_job_children_name_their_controller_owner_and_their_echo_is_in_sync() -> None:
+def test_job_children_are_owned_and_their_echo_is_as_applied() -> None:
     obj = _obj(job={"target": "rayjob", "image": "img:1", "command": ["python", "t.py"]})
     want = rc.desired(obj)
     assert isinstance(want, rc.Desired)
     (job,) = [c for c in want.children if c["kind"] == "RayJob"]
-    assert rc.controller_owner(job) == "demo"
+    assert rc.owned_by(job, obj)
     # As the server stores it: defaulted spec, server metadata, a status; still the echo of our apply.
     stored = copy.deepcopy(job)
-    stored["spec"]["shutdownAfterJobFinishes"] = False
+    stored["spec"]["submissionMode"] = "K8sJobMode"  # a CRD default the renderer leaves out
     stored["metadata"].update(uid="u-2", resourceVersion="7")
     stored["status"] = {"jobStatus": "RUNNING"}
-    wanted = rc.managed_metadata(job)
+    wanted = rc.managed_fields(job)
     assert set(wanted["metadata"]) == {"name", "labels", "annotations", "ownerReferences"}
-    assert rc.in_sync(stored, wanted)
-    stored["metadata"]["annotations"][rc.CONTENT_HASH_ANNOTATION] = "sha256:edited"
-    assert not rc.in_sync(stored, wanted)
-    # Not ours: no controller reference, or one to another kind or API group.
+    assert wanted["spec"] == job["spec"]  # a job's spec is managed too
+    assert rc.as_applied(stored, wanted) and rc.in_sync(stored, job)
+    edited = copy.deepcopy(stored)
+    edited["metadata"]["annotations"][rc.CONTENT_HASH_ANNOTATION] = "sha256:edited"
+    assert not rc.as_applied(edited, wanted)
+    # A field we set, changed by hand (the image of the head), is drift; one the server added is not.
+    head = stored["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head["imagePullPolicy"] = "IfNotPresent"
+    assert rc.as_applied(stored, wanted)
+    head["image"] = "img:2"
+    assert not rc.as_applied(stored, wanted) and not rc.in_sync(stored, job)
+    # Not ours: no controller reference, one to another kind, or to another OptimEnv of that name.
     ref = job["metadata"]["ownerReferences"][0]
     for refs in (
         [],
         [{**ref, "controller": False}],
         [{**ref, "kind": "Deployment", "apiVersion": "apps/v1"}],
-        [{**ref, "apiVersion": "example.com/v1alpha1"}],
+        [{**ref, "uid": "uid-of-a-deleted-namesake"}],
     ):
-        assert rc.controller_owner({"metadata": {"ownerReferences": refs}}) is None
+        assert not rc.owned_by({"metadata": {"ownerReferences": refs}}, obj)
 
 
 def test_metrics_endpoint_serves_the_counters() -> None:
@@ -143,6 +152,7 @@ def test_metrics_endpoint_serves_the_counters() -> None:
     metrics.reconciles.labels(result="synced").inc()
     metrics.errors.labels(reason="429").inc()
     metrics.duration.observe(0.02)
+    metrics.cached.labels(cache="owned").set_function(lambda: 3)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -152,6 +162,7 @@ def test_metrics_endpoint_serves_the_counters() -> None:
     assert 'optimenv_reconciles_total{result="synced"} 1.0' in text
     assert 'optimenv_reconcile_errors_total{reason="429"} 1.0' in text
     assert "optimenv_reconcile_duration_seconds_count 1.0" in text
+    assert 'optimenv_cached_objects{cache="owned"} 3.0' in text
 
 
 def test_condition_messages_are_clipped_to_the_crds_max_length() -> None:
@@ -185,7 +196,8 @@ def test_refused_child_is_ready_false_with_one_warning_and_the_rest_applied() ->
     conds = {c["type"]: c for c in outcome.status["conditions"]}
     assert (conds["Ready"]["status"], conds["Ready"]["reason"]) == ("False", "Forbidden")
     assert conds["Ready"]["message"] == failure.message
-    assert [(e.type, e.reason) for e in outcome.events] == [("Normal", "Created"), ("Warning", "Forbidden")]
+    # The first creation of a new object's children is its status, not an Event; the refusal is.
+    assert [(e.type, e.reason) for e in outcome.events] == [("Warning", "Forbidden")]
     # Still refused on the next pass: nothing new to say.
     obj, _, observed = _converged(obj)
     obj = {**obj, "status": outcome.status}
@@ -196,3 +208,31 @@ def test_refused_child_is_ready_false_with_one_warning_and_the_rest_applied() ->
         "ApplyFailed",
         "ApplyFailed",
     ]
+
+
+def test_the_crd_carries_the_job_entry_and_its_printer_column() -> None:
+    crd = yaml.safe_load(pathlib.Path("manifests/crds/optimenv.dev_optimenvs.yaml").read_text())
+    (version,) = crd["spec"]["versions"]
+    job = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["job"]
+    assert job["properties"]["phase"]["enum"] == ["Pending", "Running", "Succeeded", "Failed", "Stopped"]
+    assert job["properties"]["message"]["maxLength"] == rc.JOB_MESSAGE_MAX
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert columns["Job"] == {"name": "Job", "type": "string", "jsonPath": ".status.job.phase"}
+    assert columns["Job Reason"]["priority"] == 1
+    # A long operator message is cut to the CRD's limit (a longer one would fail the status write).
+    obj = _obj(job={"target": "pytorchjob", "image": "img:1", "command": ["python", "t.py"]})
+    want = rc.desired(obj)
+    assert isinstance(want, rc.Desired)
+    stored = copy.deepcopy(rc.job_child(want))
+    assert stored is not None
+    stored["metadata"]["uid"] = "j-1"
+    failed = {"type": "Failed", "status": "True", "reason": "PyTorchJobFailed", "message": "x" * 100_000}
+    stored["status"] = {"conditions": [failed]}
+    observed = {rc.child_key(c): copy.deepcopy(c) for c in want.children}
+    observed[rc.child_key(stored)] = stored
+    outcome = rc.decide(obj, want, observed, "t0")
+    assert outcome.status is not None
+    record = outcome.status["job"]
+    assert record["phase"] == "Failed" and len(record["message"]) == rc.JOB_MESSAGE_MAX
+    (event,) = [e for e in outcome.events if e.reason == "JobFailed"]
+    assert event.type == "Warning" and len(event.message) <= rc.EVENT_MAX

@@ -110,16 +110,19 @@ async def test_create_posts_children_with_owner_and_status(kmock: ApiServer) -> 
     assert body["plan"]["envConfigMap"] == "demo-env"
     assert body["plan"]["deepspeedConfigMap"] == "demo-deepspeed"
     assert body["plan"]["hash"] == _spec_hash(kmock)
-    (created_event,) = events(writes, "Created")
-    assert sorted(created_event.data["message"].removeprefix("created ").split(", ")) == sorted(
-        f"ConfigMap {n}" for n in CHILDREN
-    )
-    for r in events(writes):
-        assert r.data["involvedObject"]["uid"] == uid
-    # The only other writes are kopf's own bookkeeping annotations on the OptimEnv (not status).
-    others = [r for r in writes if r not in created and r is not status and r not in events(writes)]
-    assert [r.url.path for r in others] == [f"{OE_PATH}/demo"]
-    assert set(others[0].data) == {"metadata"}
+    # No Event: the first creation of a new object's children is in its status (Events mark changes).
+    assert events(writes) == []
+    # Nothing else: kopf runs event handlers only and keeps no bookkeeping on the object.
+    assert [r for r in writes if r not in created and r is not status and r not in events(writes)] == []
+    # The children were never read one by one: the cache lists and watches them by label.
+    assert [r for r in kmock if r.action == km.action.FETCH] == []
+    (_listed,) = [
+        r
+        for r in kmock
+        if r.action == km.action.LIST
+        and r.url.path == "/api/v1/configmaps"
+        and r.params.get("labelSelector") == "app.kubernetes.io/managed-by=optimenv"
+    ]
 
 
 def _spec_hash(api: ApiServer) -> str:
@@ -166,8 +169,8 @@ async def test_noop_resync_makes_zero_writes(kmock: ApiServer) -> None:
         await asyncio.sleep(0.5)
     assert kmock.writes(since=mark) == []
     assert first.controller is not second.controller
-    gets = [r for r in list(kmock)[mark:] if r.method.value == "GET" and r.url.path.startswith(CM_PATH + "/")]
-    assert sorted({r.url.path for r in gets}) == sorted(f"{CM_PATH}/{n}" for n in CHILDREN)
+    # Nor a single read of a child or of the OptimEnv: both come from lists and watches.
+    assert [r for r in list(kmock)[mark:] if r.action == km.action.FETCH] == []
 
 
 async def test_update_reapplies_only_changed_children_with_force(kmock: ApiServer) -> None:
@@ -211,8 +214,10 @@ async def test_referenced_configmap_change_reconciles(kmock: ApiServer) -> None:
         await asyncio.sleep(0.3)
     writes = kmock.writes(since=mark)
     assert {r.url.path for r in applies(writes)} == {f"{CM_PATH}/demo-env", f"{CM_PATH}/demo-spec"}
-    # The user's ConfigMap is read, never written.
+    # The user's ConfigMap is read, never written; its change came with the watch, not a GET.
     assert not [r for r in writes if r.url.path.endswith("/train-cfg")]
+    reads = [r for r in kmock if r.action == km.action.FETCH and r.url.path.endswith("/train-cfg")]
+    assert len(reads) <= 1 and all(r.id < mark for r in reads)  # at most once, before it was watched
     assert (kmock.obj(CM, NS, "train-cfg") or {})["data"]["config.yaml"] == yaml_v2
     assert not (kmock.obj(CM, NS, "train-cfg") or {})["metadata"].get("ownerReferences")
 
@@ -286,3 +291,24 @@ async def test_deletion_leaves_children_to_the_garbage_collector(kmock: ApiServe
         assert child is not None
         (ref,) = child["metadata"]["ownerReferences"]
         assert ref["uid"] == obj["metadata"]["uid"] and ref["blockOwnerDeletion"] is True
+
+
+async def test_namespaced_controller_lists_and_watches_its_namespaces_only(kmock: ApiServer) -> None:
+    kmock.put_object(OE, optimenv())
+    elsewhere = optimenv()
+    elsewhere["metadata"]["namespace"] = "other"
+    kmock.put_object(OE, elsewhere)
+    async with running_operator(str(kmock.url), namespaces=(NS,)):
+        await eventually(lambda: ready(kmock))
+        await settle(kmock)
+    reads = [r for r in kmock if r.method.value == "GET" and r.resource is not None and r.resource.plural]
+    assert reads and all(r.namespace == NS for r in reads)  # lists and watches, per namespace
+    assert {
+        (r.resource.plural, r.params.get("labelSelector")) for r in reads if r.action == km.action.LIST
+    } == {
+        ("optimenvs", None),
+        ("configmaps", "app.kubernetes.io/managed-by=optimenv"),
+        ("configmaps", "app.kubernetes.io/managed-by!=optimenv"),
+    }
+    assert kmock.writes() and all(r.namespace == NS for r in kmock.writes())
+    assert (kmock.obj(OE, "other", "demo") or {}).get("status") is None  # not watched: untouched

@@ -76,10 +76,10 @@ The namespaces watched in namespaced mode, as a JSON list (the release namespace
 The controller's RBAC rules: only the verbs it uses, no wildcards, no Secrets.
 */}}
 {{- define "optimenv.rules" -}}
-# OptimEnvs: watched by kopf (which keeps its progress in annotations: patch), read on ConfigMap events.
+# OptimEnvs: listed and watched into the controller's cache (nothing is kept on the objects).
 - apiGroups: ["optimenv.dev"]
   resources: ["optimenvs"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch"]
 # Status is written through the status subresource (a merge patch).
 - apiGroups: ["optimenv.dev"]
   resources: ["optimenvs/status"]
@@ -89,18 +89,19 @@ The controller's RBAC rules: only the verbs it uses, no wildcards, no Secrets.
 - apiGroups: ["optimenv.dev"]
   resources: ["optimenvs/finalizers"]
   verbs: ["update"]
-# The env/spec/DeepSpeed ConfigMaps, and the referenced config ConfigMap (watched, so a change of
-# it reconciles). Server-side apply of an object that does not exist yet is authorized as create;
-# garbage collection deletes the children, never the controller.
+# The env/spec/DeepSpeed ConfigMaps (created, then server-side applied), and the referenced config
+# ConfigMap (read; watched, so a change of it reconciles). get: the referenced one, and the holder
+# of a name a create found taken. Garbage collection deletes the children, never the controller.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# Events for created, updated and invalid (kopf's own event posting is off).
+# Events: children created again or updated, the job's phase changes, warnings (kopf posts none).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- /* The owned job: read, server-side applied (create on first apply), and watched (the
-controller runs with --job-kind for each) so that a changed or deleted job is re-applied. */}}
+{{- /* The owned job: created, then server-side applied, listed and watched (the controller runs
+with --job-kind for each) so that drift is repaired and its phase reported at once; get: the holder
+of a name a create found taken. */}}
 {{- if .Values.jobs.enabled }}
 {{- if has "rayjob" .Values.jobs.targets }}
 - apiGroups: ["ray.io"]
