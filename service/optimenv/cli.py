@@ -12,7 +12,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import yaml
 
-from optimenv.config import MAX_CONFIG_BYTES, TrainingConfig, load_config
+from optimenv.config import FORMATS, MAX_CONFIG_BYTES, ConfigFormat, TrainingConfig, load_config, reading_as
 from optimenv.errors import ConfigError, OptimEnvError
 from optimenv.plan import DEFAULT_DEEPSPEED_PATH, Hardware, Plan, plan
 from optimenv.spec import POLICIES
@@ -99,9 +99,26 @@ def _yes_no(value: str | None) -> bool | None:
     return None if value is None else value == "yes"
 
 
+def _remember_format(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    ctx.meta[_FORMAT_KEY] = value
+
+
+_FORMAT_KEY = "optimenv.config_format"
+#: ``--format``: read CONFIG as an Axolotl config or an ``accelerate config`` file. Kept in the click
+#: context (not passed on), so every command that reads CONFIG through :func:`read_config` has it.
+format_option = click.option(
+    "--format",
+    type=click.Choice(FORMATS),
+    expose_value=False,
+    callback=_remember_format,
+    help="What CONFIG is: an Axolotl config or an `accelerate config` file [default: told by its keys].",
+)
+
+
 def topology_options(func: F) -> F:
     """``--nodes``, ``--gpus-per-node``, ``--bf16-supported`` … shared by plan, render and spec."""
     options = [
+        format_option,
         click.option("--nodes", type=click.IntRange(min=1), help="Number of nodes (unknown: leave out)."),
         click.option("--gpus-per-node", type=click.IntRange(min=1), help="GPUs (processes) per node."),
         click.option(
@@ -151,7 +168,14 @@ def hardware_from(kwargs: dict[str, Any]) -> Hardware:
 
 
 def read_config(source: str) -> TrainingConfig:
-    """CONFIG argument: a path, or ``-`` for standard input."""
+    """CONFIG argument: a path, or ``-`` for standard input, in the ``--format`` given (if any)."""
+    ctx = click.get_current_context(silent=True)
+    fmt: ConfigFormat | None = ctx.meta.get(_FORMAT_KEY) if ctx is not None else None
+    with reading_as(fmt):
+        return _read_config(source)
+
+
+def _read_config(source: str) -> TrainingConfig:
     if source == "-":
         # Bytes, bounded: a text read would pass undecodable bytes on as surrogates.
         raw = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
@@ -168,7 +192,29 @@ def read_config(source: str) -> TrainingConfig:
 
 
 def plan_from_args(config: str, kwargs: dict[str, Any]) -> Plan:
-    return plan(read_config(config), hardware_from(kwargs), deepspeed_path=kwargs["deepspeed_path"])
+    cfg = read_config(config)
+    kwargs.update(config_topology(cfg, kwargs))
+    return plan(cfg, hardware_from(kwargs), deepspeed_path=kwargs["deepspeed_path"])
+
+
+def config_topology(cfg: TrainingConfig, kwargs: dict[str, Any]) -> dict[str, int]:
+    """``nodes`` / ``gpus_per_node`` from an ``accelerate config`` file's ``num_machines`` and
+    ``num_processes`` (``{}`` when it names none); an option given that disagrees is refused."""
+    launch = cfg.launch
+    if launch is None or launch.processes is None:
+        return {}
+    want = {"nodes": launch.machines, "gpus_per_node": launch.processes // launch.machines}
+    for key, value in want.items():
+        given = kwargs.get(key)
+        if given is not None and given != value:
+            option = "--" + key.replace("_", "-")
+            raise ConfigError(
+                option,
+                f"{given} disagrees with the config file, which asks for {launch.processes} processes on "
+                f"{launch.machines} machine(s) ({value} {'node(s)' if key == 'nodes' else 'per node'})",
+                f"leave {option} out, or change num_processes / num_machines in the file",
+            )
+    return want
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -183,10 +229,22 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("config")
-def validate(config: str) -> None:
+@format_option
+@click.option(
+    "--strict", is_flag=True, help="Refuse keys that look like misspellings of keys optimenv reads."
+)
+def validate(config: str, strict: bool) -> None:
     """Check CONFIG (a path or - for stdin); exit 0 if valid, 1 with the field path if not."""
+    cfg = read_config(config)
+    misses = cfg.near_misses
+    if strict and misses:
+        (key, close), more = misses[0], len(misses) - 1
+        also = f"; and {', '.join(k for k, _ in misses[1:])}" if more else ""
+        raise ConfigError(key, f"not a key optimenv reads{also}", f"did you mean {close!r}? (--strict)")
     # Planning for unknown hardware finds the contradictions that no hardware can resolve.
-    plan(read_config(config))
+    result = plan(cfg, hardware_from(config_topology(cfg, {})))
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"{config}: valid", err=True)
 
 

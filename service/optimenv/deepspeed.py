@@ -9,6 +9,7 @@ number, because Accelerate ignores ``ACCELERATE_DEEPSPEED_ZERO_STAGE`` when the 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 from pathlib import Path
@@ -131,13 +132,26 @@ def load_file(
             if not isinstance(data, dict):
                 raise ConfigError(field, f"DeepSpeed file {str(path)!r} must hold a JSON object")
             return path, data
-    where = ", ".join(str(p.parent) for p in tried) or "."
     names = ", ".join(sorted(PRESETS))
+    if _looks_like_preset(value):
+        close = difflib.get_close_matches(value, sorted(PRESETS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            field,
+            f"unknown preset {value!r}; presets are {names}",
+            f"{hint}a file is named with its .json path, e.g. ./{value}.json",
+        )
+    where = ", ".join(dict.fromkeys(str(p.parent) for p in tried)) or "."
     raise ConfigError(
         field,
         f"DeepSpeed file {value!r} not found (looked in {where})",
         f"give an existing path, a preset name ({names}) or an inline mapping",
     )
+
+
+def _looks_like_preset(value: str) -> bool:
+    """A bare name (no folder, no ``.json``), as presets are written: ``zero9`` is a preset typo."""
+    return "/" not in value and "\\" not in value and "." not in value and bool(value.strip())
 
 
 def zero_stage(ds: dict[str, Any], field: str = "deepspeed") -> int | None:

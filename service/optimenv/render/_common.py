@@ -9,7 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 from optimenv.errors import ConfigError, OptimEnvError
-from optimenv.plan import Plan, check_world_size
+from optimenv.plan import Plan, check_process_count
 from optimenv.spec import (
     POLICIES,
     SPEC_PATH,
@@ -231,8 +231,8 @@ def check_plan_env(plan: Plan) -> None:
 
 
 def check_parallelism(plan: Plan, world: int, what: str) -> None:
-    """The parallel sizes must multiply to the processes the job starts, as for known hardware (C28)."""
-    check_world_size(plan.env_dict, plan.sources, world, what)
+    """The parallel sizes must fit the processes the job starts, as for known hardware (C28, C29)."""
+    check_process_count(plan, world, what)
 
 
 @dataclass(frozen=True)

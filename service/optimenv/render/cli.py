@@ -10,7 +10,7 @@ import click
 import yaml
 from yaml.representer import SafeRepresenter
 
-from optimenv.cli import hardware_from, hardware_options, read_config, spec_policy_option
+from optimenv.cli import config_topology, hardware_from, hardware_options, read_config, spec_policy_option
 from optimenv.config import TrainingConfig
 from optimenv.errors import ConfigError
 from optimenv.plan import Hardware, Plan, ProcessCountError, plan
@@ -112,6 +112,8 @@ def render_command(
     """
     if target not in TARGETS:
         raise ConfigError("--target", f"unknown target {target!r}", f"choose one of {', '.join(TARGETS)}")
+    cfg = read_config(config)
+    kwargs.update(config_topology(cfg, kwargs))  # an accelerate config file's num_processes
     # Job targets default to 1 node x 1 GPU; whether that was asked for decides the hint below.
     topology_given = kwargs.get("nodes") is not None or kwargs.get("gpus_per_node") is not None
     if target == "configmaps" and command:
@@ -138,7 +140,6 @@ def render_command(
         runtime=runtime,
         spec_policy=spec_policy,
     )
-    cfg = read_config(config)
     hardware = hardware_from(kwargs)
     if target == "rayjob" and "ray_num_workers" in cfg.model_fields_set:
         options = dataclasses.replace(options, ray_workers=cfg.ray_num_workers)
