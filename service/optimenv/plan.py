@@ -644,7 +644,7 @@ def _torch_compile(config: TrainingConfig, hw: Hardware, b: _Builder) -> None:
     b.set("ACCELERATE_DYNAMO_BACKEND", backend, src)
     launch = config.launch
     if launch is not None:
-        # What prepare_multi_gpu_env writes next to the backend (utils/launch.py:289-293).
+        # What prepare_multi_gpu_env writes next to the backend (utils/launch.py:298-302).
         b.set("ACCELERATE_DYNAMO_MODE", launch.dynamo_mode or "default", "dynamo_config.dynamo_mode")
         for var, value, key in (
             ("USE_FULLGRAPH", launch.dynamo_fullgraph, "dynamo_use_fullgraph"),

@@ -2,7 +2,7 @@
 and Accelerate's checks, decided with the worker's process count (docs/compatibility.md C29, C30).
 
 And the ``bf16_auto`` step's fallbacks (C14): Axolotl's ``resolve_dtype``
-(``utils/config/__init__.py:157-166``) trains fp16 on a GPU without bf16, but no worker trains fp16
+(``utils/config/__init__.py:157-167``) trains fp16 on a GPU without bf16, but no worker trains fp16
 without a GPU (this machine has none).
 """
 

@@ -140,7 +140,7 @@ SCENARIOS: dict[str, Scenario] = {
             },
         }
     ),
-    # TorchDynamoPlugin reads the dynamo block prepare_multi_gpu_env writes (utils/launch.py:289-298).
+    # TorchDynamoPlugin reads the dynamo block prepare_multi_gpu_env writes (utils/launch.py:298-302).
     "multi-gpu-dynamo": Scenario(
         {
             **MACHINE,
@@ -196,7 +196,7 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     # C32: `accelerate config` writes FSDP1's strategy as fsdp_reshard_after_forward, and the launcher
     # then exports its default FSDP_SHARDING_STRATEGY=FULL_SHARD, which FSDP1 reads instead
-    # (utils/launch.py:314-316, utils/dataclasses.py:1844-1856). optimenv trains what the file says.
+    # (utils/launch.py:313-315, utils/dataclasses.py:1844-1856). optimenv trains what the file says.
     "fsdp1-strategy-written-as-reshard-C32": Scenario(
         {
             **MACHINE,

@@ -228,21 +228,21 @@ add(
     # (utils/config/__init__.py:156-172): the plan says fp16.
     Case(
         "r6-bf16-auto-unsupported-trains-fp16-C14",
-        "ref §2 row 6; utils/config/__init__.py:157-166",
+        "ref §2 row 6; utils/config/__init__.py:157-167",
         {"bf16": "auto"},
         ((MP, "fp16", "bf16"),),
         hw=HW_NO_BF16,
     ),
     Case(
         "r6-bf16-auto-unsupported-fp16-false-C14",
-        "utils/config/__init__.py:165: fp16 is turned on only when it is unset",
+        "utils/config/__init__.py:166: fp16 is turned on only when it is unset",
         {"bf16": "auto", "fp16": False},
         ((MP, "no", "bf16"),),
         hw=HW_NO_BF16,
     ),
     Case(
         "r6-bf16-auto-unsupported-float16-C14",
-        "utils/config/__init__.py:165: ... and float16 (no AMP) is not set",
+        "utils/config/__init__.py:166: ... and float16 (no AMP) is not set",
         {"bf16": "auto", "float16": True},
         ((MP, "no", "bf16"),),
         hw=HW_NO_BF16,
@@ -280,10 +280,10 @@ add(
         warnings=("fp16: ignored because bf16 is true",),
     ),
     # C14: Axolotl exports bf16 on a bf16 GPU, but normalize_config then sets bf16 false and the
-    # Trainer runs fp16 (utils/config/__init__.py:168-169).
+    # Trainer runs fp16 (utils/config/__init__.py:169-170).
     Case(
         "r6-bf16-explicit-auto-and-fp16-trains-fp16-C14",
-        "ref §2 row 6; utils/config/__init__.py:168-169",
+        "ref §2 row 6; utils/config/__init__.py:169-170",
         {"bf16": "auto", "fp16": True},
         ((MP, "fp16", "fp16"),),
     ),
@@ -1285,10 +1285,10 @@ add(
         {"expert_parallel_size": 2, "dp_shard_size": 2},
         error="expert_parallel_size",
     ),
-    # Accelerate refuses TP/CP with pure replication (parallelism_config.py:331-336).
+    # Accelerate refuses TP/CP with pure replication (parallelism_config.py:336-341).
     Case(
         "s2.4-tp-with-pure-replication",
-        "accelerate parallelism_config.py:331-336",
+        "accelerate parallelism_config.py:336-341",
         {"tensor_parallel_size": 2, "dp_replicate_size": 2, "dp_shard_size": 1},
         hw=HW_4,
         error="dp_replicate_size",
@@ -1560,7 +1560,7 @@ def test_bf16_auto_deferred_detail(
     config: dict[str, Any], detail: dict[str, Any], request: pytest.FixtureRequest
 ) -> None:
     """Row 6 with bf16 support unknown: the worker chooses, falling back as Axolotl's resolve_dtype
-    does (utils/config/__init__.py:157-166); a worker without a GPU trains in fp32."""
+    does (utils/config/__init__.py:157-167); a worker without a GPU trains in fp32."""
     result = plan(parse_config(config, base_dirs=_corpus_dirs(config, request)), HW_UNKNOWN)
     step = next(d for d in result.deferred if d.kind == "bf16_auto")
     assert (step.variable, step.source, dict(step.detail)) == ("ACCELERATE_MIXED_PRECISION", "bf16", detail)

@@ -172,7 +172,7 @@ def test_a_file_mixing_both_formats_needs_format(cli: Cli) -> None:
 @pytest.mark.parametrize(
     ("extra", "field", "says"),
     [
-        ({"distributed_type": None}, "distributed_type", "is required"),  # config_args.py:116-117
+        ({"distributed_type": None}, "distributed_type", "is required"),  # config_args.py:109-110
         ({"distributed_type": "MULTI_CPU"}, "distributed_type", "not planned"),
         ({"use_cpu": True}, "use_cpu", "CPU runs"),
         ({"compute_environment": "AMAZON_SAGEMAKER"}, "compute_environment", "not planned"),
