@@ -178,6 +178,9 @@ def _config_data(spec: OptimEnvSpec, referenced: Mapping[str, Any] | None) -> di
     if not isinstance(data, dict):
         raise ConfigError("config", f"top level must be a mapping, got {type(data).__name__}")
     ds = data.get("deepspeed")
+    accelerate_ds = data.get("deepspeed_config")  # an accelerate config file's section
+    if isinstance(accelerate_ds, dict) and accelerate_ds.get("deepspeed_config_file") is not None:
+        ds = accelerate_ds["deepspeed_config_file"]
     if isinstance(ds, str) and ds not in PRESETS:
         # A path would be read from the controller's own filesystem, never the workers'.
         raise ConfigError(

@@ -6,7 +6,11 @@ Inside ``fsdp_config`` every key is ours, so a misspelt one is an error with a s
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -85,11 +89,13 @@ class FSDPConfig(BaseModel):
     min_num_params: Int64 | None = Field(default=None, ge=1)
     reshard_after_forward: bool | None = None
     mixed_precision_policy: str | None = None
-    # Accepted by Accelerate (FSDP1) but dropped by Axolotl's schema (defect D1).
+    # Accepted by Accelerate but dropped by Axolotl's schema (defect D1).
     sharding_strategy: ShardingStrategy | None = None
     backward_prefetch: BackwardPrefetch | None = None
     forward_prefetch: bool | None = None
     limit_all_gathers: bool | None = None
+    activation_checkpointing_offload: bool | None = None
+    ignored_modules: str | None = None
 
     @field_validator(
         "state_dict_type", "final_state_dict_type", "auto_wrap_policy", "backward_prefetch", mode="before"
@@ -163,6 +169,12 @@ def _normalise_fsdp_keys(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_version(version: Any, field: str) -> None:
+    """An FSDP version other than 1 or 2, named where it was written (not where it was copied to)."""
+    if version is not None and (type(version) is not int or version not in (1, 2)):
+        raise ConfigError(field, f"must be 1 or 2, got {shown(version)}")
+
+
 def _lax_int(value: Any) -> Any:
     """``"2"`` -> ``2``, as Axolotl's ``int`` field coerces it (and ``str(v) == "2"`` compares it)."""
     text = value.strip() if isinstance(value, str) else ""
@@ -175,7 +187,13 @@ def _did_you_mean(word: str, choices: tuple[str, ...] | list[str], noun: str = "
     close = difflib.get_close_matches(word[:100], choices, n=1, cutoff=0.6)
     if close:
         return f"did you mean {close[0]!r}?"
-    return f"known {noun}: " + ", ".join(sorted(choices))
+    known = sorted(choices)
+    more = f" and {len(known) - MAX_LISTED} more" if len(known) > MAX_LISTED else ""
+    return f"known {noun}: {', '.join(known[:MAX_LISTED])}{more}"
+
+
+#: A "known keys" hint lists at most this many (a message stays one readable line).
+MAX_LISTED = 12
 
 
 class TrainingConfig(BaseModel):
@@ -195,6 +213,7 @@ class TrainingConfig(BaseModel):
     tf32: Literal["auto"] | bool | None = "auto"
     torch_compile: Literal["auto"] | bool | None = None
     torch_compile_backend: str | None = None
+    torch_compile_options: dict[str, bool | int | float | str] | None = None
     tensor_parallel_size: Int64 | None = Field(default=None, ge=1)
     dp_shard_size: Int64 | None = Field(default=None, ge=1)
     dp_replicate_size: Int64 | None = Field(default=None, ge=1)
@@ -213,6 +232,7 @@ class TrainingConfig(BaseModel):
     _deepspeed_json: dict[str, Any] | None = PrivateAttr(default=None)
     _deepspeed_origin: str | None = PrivateAttr(default=None)
     _fsdp_version_source: str = PrivateAttr(default="default")
+    _launch: LaunchSettings | None = PrivateAttr(default=None)
 
     @field_validator("fsdp", mode="before")
     @classmethod
@@ -240,19 +260,35 @@ class TrainingConfig(BaseModel):
                 raise ValueError(f"unknown backend {shown(value)}; {hint}")
         return value
 
+    @field_validator("torch_compile_options")
+    @classmethod
+    def _inductor_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Axolotl's allowlist of torch._inductor.config flags (schemas/config.py:1617-1629).
+        unknown = sorted(set(value or ()) - INDUCTOR_OPTIONS)
+        if unknown:
+            hint = _did_you_mean(unknown[0], sorted(INDUCTOR_OPTIONS), "options")
+            raise ValueError(f"{', '.join(map(repr, unknown))} not allowed; {hint}")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _prepare(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        if data.get("deepspeed") in ("", {}):
+            # Axolotl tests `cfg.deepspeed` for truth (trainer.py:667): an empty value is no DeepSpeed.
+            data["deepspeed"] = None
         raw = data.get("fsdp_config")
         top = _lax_int(data.get("fsdp_version"))
+        _check_version(top, "fsdp_version")
         if top is not None:
             data["fsdp_version"] = top
         if isinstance(raw, dict):
             fc = _normalise_fsdp_keys(raw)
             inner = _lax_int(fc.get("fsdp_version"))
+            written = next((k for k in raw if k in ("version", "fsdp_version")), "fsdp_version")
+            _check_version(inner, f"fsdp_config.{written}")
             if top is not None and inner is not None and str(top) != str(inner):
                 raise ConfigError(
                     "fsdp_version",
@@ -361,8 +397,125 @@ class TrainingConfig(BaseModel):
 
     def extra(self, key: str) -> Any:
         """A key outside the sections we own (``optimizer``, ``load_in_4bit`` …), or None."""
+        assert key in READ_EXTRAS, f"{key} is read by the planner: list it in READ_EXTRAS"
         return (self.model_extra or {}).get(key)
 
+    @property
+    def launch(self) -> LaunchSettings | None:
+        """How ``accelerate launch`` would hand this config to Accelerate; ``None`` for Axolotl's format."""
+        return self._launch
+
+    @property
+    def near_misses(self) -> tuple[tuple[str, str], ...]:
+        """Top-level keys optimenv does not read that look like one it does: ``(key, the one it reads)``."""
+        out = []
+        for key in self.model_extra or {}:
+            if not isinstance(key, str) or key in READ_EXTRAS or key in AXOLOTL_NEIGHBOURS:
+                continue
+            close = difflib.get_close_matches(key, READ_KEYS, n=1, cutoff=NEAR_MISS_CUTOFF)
+            if close:
+                out.append((key, close[0]))
+        return tuple(out)
+
+
+#: Keys outside the fields above that the planner's rules read (through :meth:`TrainingConfig.extra`).
+READ_EXTRAS = frozenset(
+    {
+        "adapter",
+        "float16",
+        "fp32_norms",
+        "gradient_checkpointing_kwargs",
+        "load_in_4bit",
+        "load_in_8bit",
+        "lora_embedding_kernel",
+        "lora_mlp_kernel",
+        "lora_o_kernel",
+        "lora_qkv_kernel",
+        "optimizer",
+        "relora",
+        "relora_steps",
+        "rl",
+        "sample_packing",
+    }
+)
+#: Keys of Axolotl's own schema (``src/axolotl/utils/schemas``, 067b021c) that look like one we read:
+#: real keys, never near misses (``eval_batch_size`` is not a misspelt ``batch_size``).
+AXOLOTL_NEIGHBOURS = frozenset(
+    {
+        "a_bf16",
+        "bfloat16",
+        "data_parallel_size",
+        "eval_batch_size",
+        "eval_sample_packing",
+        "expert_parallel_backend",
+        "gradient_checkpointing",
+        "merge_lora",
+        "reward_num_workers",
+        "sample_packing_bin_size",
+        "sample_packing_eff_est",
+        "timeout",
+        "torch_compile_mode",
+        "trackio_run_name",
+        "trl",
+        "use_mora",
+        "w_fp8",
+    }
+)
+READ_KEYS = sorted(set(TrainingConfig.model_fields) | READ_EXTRAS)
+#: difflib similarity from which an unread key counts as a near miss (``deepspeed_confg`` is 0.75).
+NEAR_MISS_CUTOFF = 0.75
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """What an ``accelerate config`` file says beyond the fields an Axolotl config shares with it.
+
+    Built by :mod:`optimenv.accelerate_config`; the planner reads it where ``accelerate launch``
+    hands a setting to Accelerate differently from Axolotl.
+    """
+
+    machines: int
+    processes: int | None
+    #: config field -> the key the file wrote, for messages (``bf16`` -> ``mixed_precision``).
+    fields: Mapping[str, str]
+    size_names: Mapping[str, str]
+    parallelism_config: bool = False
+    cp_comm_strategy: str | None = None
+    dynamo_mode: str | None = None
+    dynamo_fullgraph: bool = False
+    dynamo_dynamic: bool = False
+    dynamo_regional: bool = False
+    gradient_accumulation_written: bool = False
+    zero3_init: bool | None = None
+    moe_layer_cls_names: str | None = None
+    debug: bool = False
+    cpu_affinity: bool = False
+    warnings: tuple[str, ...] = ()
+
+    def field(self, name: str) -> str:
+        """The key the file wrote for the config field ``name`` (a dotted path)."""
+        for ours, theirs in sorted(self.fields.items(), key=lambda kv: -len(kv[0])):
+            if name == ours or name.startswith(ours + "."):
+                return theirs + name[len(ours) :]
+        return name
+
+
+#: The torch._inductor.config flags Axolotl lets ``torch_compile_options`` set
+#: (``INDUCTOR_COMPILE_OPTIONS_ALLOWLIST``, ``schemas/enums.py:162-175``).
+INDUCTOR_OPTIONS = frozenset(
+    {
+        "coordinate_descent_tuning",
+        "coordinate_descent_check_all_directions",
+        "shape_padding",
+        "epilogue_fusion",
+        "max_autotune_gemm",
+        "fx_graph_cache",
+        "assume_aligned_inputs",
+        "comprehensive_padding",
+        "decompose_mem_bound_mm",
+        "triton.cudagraphs",
+    }
+)
 
 DYNAMO_BACKENDS = (
     "NO",
@@ -399,27 +552,7 @@ def _check_rules(cfg: TrainingConfig) -> None:
             "deepspeed and fsdp_config cannot be used together (Axolotl silently drops DeepSpeed here)",
             "remove fsdp_config or deepspeed",
         )
-    if "batch_size" in cfg.model_fields_set and cfg.batch_size is not None:
-        if (
-            cfg.gradient_accumulation_steps is not None
-            and "gradient_accumulation_steps" in cfg.model_fields_set
-        ):
-            raise ConfigError(
-                "batch_size",
-                "please set only one of gradient_accumulation_steps or batch_size",
-                "batch_size is derived as micro_batch_size x gradient_accumulation_steps",
-            )
-        if cfg.micro_batch_size is None:
-            raise ConfigError("micro_batch_size", "is required when batch_size is set")
-        if cfg.batch_size % cfg.micro_batch_size:
-            raise ConfigError(
-                "batch_size",
-                f"{cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size}",
-            )
-    elif cfg.gradient_accumulation_steps is None:
-        raise ConfigError(
-            "gradient_accumulation_steps", "is null and batch_size is not set", "set one of them"
-        )
+    _check_batch_sizes(cfg)
     if fc is not None and fc.cpu_offload_pin_memory is False and not (version == 2 and fc.offload_params):
         raise ConfigError(
             "fsdp_config.cpu_offload_pin_memory",
@@ -491,6 +624,55 @@ def _check_rules(cfg: TrainingConfig) -> None:
         )
     if fc is not None and fsdp_on:
         _check_sharding(fc, version)
+    _check_compile_and_offload(cfg, version)
+
+
+def _check_batch_sizes(cfg: TrainingConfig) -> None:
+    """Axolotl 0.19.0's ``check_batch_size_fields`` and ``check_gas_bsz`` (validation.py:218-279)."""
+    written = cfg.model_fields_set
+    if not cfg.batch_size:
+        if cfg.gradient_accumulation_steps is None:
+            raise ConfigError(
+                "gradient_accumulation_steps", "is null and batch_size is not set", "set one of them"
+            )
+        return
+    if cfg.gradient_accumulation_steps and "gradient_accumulation_steps" in written:
+        raise ConfigError(
+            "batch_size",
+            "please set only one of gradient_accumulation_steps or batch_size",
+            "batch_size is derived as micro_batch_size x gradient_accumulation_steps",
+        )
+    if not (cfg.micro_batch_size and "micro_batch_size" in written):
+        raise ConfigError(
+            "micro_batch_size",
+            "is required with batch_size: Axolotl needs two of micro_batch_size, "
+            "gradient_accumulation_steps and batch_size, and derives the third",
+            "set micro_batch_size (per GPU); gradient_accumulation_steps is batch_size / micro_batch_size",
+        )
+    if cfg.batch_size % cfg.micro_batch_size:
+        raise ConfigError(
+            "batch_size", f"{cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size}"
+        )
+
+
+def _check_compile_and_offload(cfg: TrainingConfig, version: int) -> None:
+    """torch_compile_options (Axolotl) and FSDP activation-checkpointing offload (Accelerate)."""
+    if cfg.torch_compile_options is not None and not cfg.torch_compile:
+        # check_torch_compile_options_requires_compile, schemas/config.py:1631-1640.
+        raise ConfigError(
+            "torch_compile_options",
+            "is set but torch_compile is not enabled",
+            "set torch_compile: true (or auto), or remove torch_compile_options",
+        )
+    fc = cfg.fsdp_config
+    if fc is not None and cfg.fsdp_enabled and fc.activation_checkpointing_offload:
+        # FullyShardedDataParallelPlugin.__post_init__ refuses both otherwise (dataclasses.py:1963-1970).
+        if not fc.activation_checkpointing:
+            raise ConfigError(
+                "fsdp_config.activation_checkpointing_offload", "needs activation_checkpointing: true"
+            )
+        if version != 2:
+            raise ConfigError("fsdp_config.activation_checkpointing_offload", "needs fsdp_version: 2")
 
 
 def _check_sharding(fc: FSDPConfig, version: int) -> None:
@@ -520,15 +702,36 @@ def _check_sharding(fc: FSDPConfig, version: int) -> None:
         )
 
 
+ConfigFormat = Literal["axolotl", "accelerate"]
+FORMATS: tuple[ConfigFormat, ...] = ("axolotl", "accelerate")
+# The format that parse_config uses when its caller names none (see reading_as).
+_FORMAT: contextvars.ContextVar[ConfigFormat | None] = contextvars.ContextVar("config_format", default=None)
+
+
+@contextlib.contextmanager
+def reading_as(fmt: ConfigFormat | None) -> Iterator[None]:
+    """Within the block, configs are read as ``fmt`` (``None``: recognised by their keys).
+
+    For readers that reach :func:`parse_config` through :func:`load_config`, such as ``--format``.
+    """
+    token = _FORMAT.set(fmt)
+    try:
+        yield
+    finally:
+        _FORMAT.reset(token)
+
+
 def parse_config(
     data: Any,
     *,
     base_dirs: tuple[Path, ...] = (),
+    fmt: ConfigFormat | None = None,
 ) -> TrainingConfig:
     """Validate an already-parsed config mapping; relative DeepSpeed paths resolve in ``base_dirs``.
 
     The mapping is held to the bounds of :mod:`optimenv.limits` first (values, text, depth,
-    64-bit integers), as a YAML file is.
+    64-bit integers), as a YAML file is. ``fmt``: ``axolotl`` or ``accelerate`` (an ``accelerate
+    config`` file); ``None`` recognises it by its keys (see :func:`config_format`).
     """
     if not isinstance(data, dict):
         raise ConfigError("config", f"top level must be a mapping, got {type(data).__name__}")
@@ -540,10 +743,44 @@ def parse_config(
                 f"the key {shown(key)} is not a string",
                 "YAML reads unquoted true, null, numbers and dates as other types: quote the key",
             )
+    fmt = fmt or _FORMAT.get() or config_format(data)
+    if fmt == "accelerate":
+        from optimenv.accelerate_config import parse_accelerate_config
+
+        return parse_accelerate_config(data, base_dirs=base_dirs)
     try:
         return TrainingConfig.model_validate(data, context={"base_dirs": base_dirs})
     except ValidationError as exc:
         raise _from_pydantic(exc) from None
+
+
+def config_format(data: Mapping[str, Any]) -> ConfigFormat:
+    """``accelerate`` for a mapping of ``accelerate config`` keys, ``axolotl`` for the rest.
+
+    Refuses a mapping that mixes keys only ``accelerate config`` writes with keys it never writes.
+    """
+    from optimenv.accelerate_config import ACCELERATE_KEYS, ACCELERATE_ONLY_KEYS
+
+    keys = {k for k in data if isinstance(k, str)}
+    ours = sorted(keys & ACCELERATE_ONLY_KEYS)
+    if not ours:
+        return "axolotl"
+    # A misspelt accelerate key (mixed_precison) is the accelerate format's unknown key, not Axolotl's.
+    others = sorted(
+        str(k)
+        for k in data
+        if k not in ACCELERATE_KEYS
+        and not difflib.get_close_matches(str(k), ACCELERATE_KEYS, n=1, cutoff=0.8)
+    )
+    if others:
+        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+        raise ConfigError(
+            "config",
+            f"mixes keys of an accelerate config file ({', '.join(ours[:3])}) with keys it does not have "
+            f"({shown})",
+            "pass --format accelerate or --format axolotl to say which it is, or remove the other keys",
+        )
+    return "accelerate"
 
 
 def load_config(
@@ -724,47 +961,49 @@ class _BoundedLoader(_Parser, Composer, SafeConstructor, Resolver):
         return out or "config"
 
 
+#: At most this many validation errors are spelled out; the rest are counted.
+MAX_ERRORS_SHOWN = 10
+
+
 def _from_pydantic(exc: ValidationError) -> ConfigError:
-    errors = exc.errors(include_url=False)
+    """Every field pydantic refused, on one line: ``field: why; other.field: why; ... and N more``."""
+    by_field: dict[str, list[Any]] = {}
+    for error in exc.errors(include_url=False):
+        by_field.setdefault(_field_of(error), []).append(error)
+    problems = [(field, _problem(errors)) for field, errors in by_field.items()]
+    (field, (message, hint)), rest = problems[0], problems[1:]
+    parts = [message, *(f"{f}: {m}" + (f" ({h})" if h else "") for f, (m, h) in rest[: MAX_ERRORS_SHOWN - 1])]
+    if len(rest) >= MAX_ERRORS_SHOWN:
+        parts.append(f"... and {len(rest) - MAX_ERRORS_SHOWN + 1} more")
+    return ConfigError(field, "; ".join(parts), hint if not rest else None)
+
+
+def _problem(errors: list[Any]) -> tuple[str, str | None]:
+    """What is wrong with one field (and a hint), from its pydantic errors."""
     first = errors[0]
-    loc = [
-        limits.key_text(p) if isinstance(p, str) else str(p)
-        for p in first["loc"]
-        if not (isinstance(p, str) and p.startswith("function-"))
-    ]
-    # Drop union branch labels such as "literal['auto']" / "bool" that pydantic adds to loc.
-    loc = [
-        p
-        for p in loc
-        if not p.startswith(("literal[", "bool", "int", "str", "dict[", "list["))
-        or (p.isidentifier() and p in TrainingConfig.model_fields)
-    ]
-    field = ".".join(loc) or "config"
-    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        name = loc[-1] if loc else ""
-        return ConfigError(field, "unknown key", _did_you_mean(name, _FSDP_KEYS))
+        name = str(first["loc"][-1])
+        return "unknown key", _did_you_mean(name, _FSDP_KEYS)
+    if len(errors) > 1:
+        # A union such as bf16: "auto" | bool failed on every branch: say what each accepts.
+        allowed = " or ".join(dict.fromkeys(_expected(e) for e in errors))
+        return f"must be {allowed} (got {shown(first['input'])})", None
+    msg = str(first["msg"]).removeprefix("Value error, ")
     if "input" in first and first["type"] not in ("value_error", "assertion_error", "missing"):
         msg = f"{msg} (got {shown(first['input'])})"
-    same_field = [e for e in errors if _field_of(e) == field]
-    if len(same_field) > 1:
-        # A union such as bf16: "auto" | bool failed on every branch: say what each accepts.
-        allowed = " or ".join(dict.fromkeys(_expected(e) for e in same_field))
-        msg = f"must be {allowed} (got {shown(first['input'])})"
-    more = len({_field_of(e) for e in errors}) - 1
-    if more > 0:
-        msg = f"{msg}; {more} more error(s)"
-    return ConfigError(field, msg)
+    return msg, None
+
+
+_UNION_LABELS = ("literal[", "function-", "json-or-python", "dict[", "list[", "union[")
 
 
 def _field_of(error: Any) -> str:
     """The dotted field path of a pydantic error, without union-branch labels (``literal['auto']``)."""
-    parts = [str(p) for p in error["loc"]]
+    parts = [limits.key_text(p) if isinstance(p, str) else str(p) for p in error["loc"]]
     parts = [
         p
         for p in parts
-        if not p.startswith(("literal[", "function-", "json-or-python"))
-        and p not in ("bool", "int", "str", "float", "dict[str,any]", "list[str]")
+        if not p.startswith(_UNION_LABELS) and p not in ("bool", "int", "str", "float", "none")
     ]
     return ".".join(parts) or "config"
 
@@ -782,5 +1021,6 @@ def _expected(error: Any) -> str:
         "dict_type": "a mapping",
         "list_type": "a list",
         "float_parsing": "a number",
+        "float_type": "a number",
     }
     return names.get(kind, str(error["msg"]))

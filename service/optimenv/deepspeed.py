@@ -9,6 +9,7 @@ number, because Accelerate ignores ``ACCELERATE_DEEPSPEED_ZERO_STAGE`` when the 
 from __future__ import annotations
 
 import copy
+import difflib
 import errno
 import math
 from pathlib import Path
@@ -133,8 +134,16 @@ def load_file(
             reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
             raise ConfigError(field, f"cannot read the DeepSpeed file {shown(str(path))}: {reason}") from None
         return path, _parse_file(path, raw, field)
-    where = ", ".join(shown(str(p.parent)) for p in tried[:3]) or "."
     names = ", ".join(sorted(PRESETS))
+    if _looks_like_preset(value):
+        close = difflib.get_close_matches(value, sorted(PRESETS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            field,
+            f"unknown preset {value!r}; presets are {names}",
+            f"{hint}a file is named with its .json path, e.g. ./{value}.json",
+        )
+    where = ", ".join(dict.fromkeys(shown(str(p.parent), 200) for p in tried[:3])) or "."
     raise ConfigError(
         field,
         f"DeepSpeed file {shown(value)} not found (looked in {where})",
@@ -161,6 +170,11 @@ def _parse_file(path: Path, raw: bytes, field: str) -> dict[str, Any]:
             'name a DeepSpeed JSON, e.g. {"zero_optimization": {"stage": 2}}, or a preset',
         )
     return data
+
+
+def _looks_like_preset(value: str) -> bool:
+    """A bare name (no folder, no ``.json``), as presets are written: ``zero9`` is a preset typo."""
+    return "/" not in value and "\\" not in value and "." not in value and bool(value.strip())
 
 
 def zero_stage(ds: dict[str, Any], field: str = "deepspeed") -> int | None:

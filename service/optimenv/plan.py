@@ -7,6 +7,7 @@ the worker can know is returned as ``deferred`` steps for the bootstrap, never g
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from optimenv import deepspeed as ds
+from optimenv import parallel
 from optimenv.errors import ConfigError, shown
+from optimenv.parallel import ProcessCountError as ProcessCountError  # its home before parallel.py
 from optimenv.spec import DeferredKind, SpecStep
 from optimenv.versions import at_least, parse_version
 
@@ -22,6 +25,8 @@ if TYPE_CHECKING:
     from optimenv.config import TrainingConfig
 
 DEFAULT_DEEPSPEED_PATH = "/etc/optimenv/deepspeed.json"
+#: How the source of a size that Axolotl's loader inferred reads (``dp_shard_size (inferred)``).
+INFERRED = "(inferred)"
 
 #: Rendezvous defaults Axolotl sets (setdefault) for a DeepSpeed run on a single GPU.
 SINGLE_GPU_DEFAULTS = {
@@ -146,16 +151,64 @@ def plan(
     deepspeed_path: str = DEFAULT_DEEPSPEED_PATH,
 ) -> Plan:
     """Plan the environment for ``config`` on ``hardware``. Deterministic and side-effect free."""
-    hw = hardware or Hardware()
     if not deepspeed_path.startswith("/"):
         raise ConfigError(
             "deepspeed_path", f"must be an absolute path on the workers, got {deepspeed_path!r}"
         )
-    b = _Builder()
+    launch = config.launch
+    try:
+        result = _plan(config, with_topology(config, hardware or Hardware()), deepspeed_path)
+    except ConfigError as exc:
+        if launch is None or launch.field(exc.field) == exc.field:
+            raise
+        # An accelerate config file: name the key the file wrote (mixed_precision, not bf16).
+        raise _renamed(exc, launch.field(exc.field)) from None
+    if launch is None:
+        return result
+    env = tuple(EnvVar(v.name, v.value, launch.field(v.source), v.mode) for v in result.env)
+    return dataclasses.replace(result, env=env, warnings=(*launch.warnings, *result.warnings))
 
+
+def with_topology(config: TrainingConfig, hw: Hardware) -> Hardware:
+    """``hw`` completed with the processes an ``accelerate config`` file names; a disagreement is refused.
+
+    ``num_machines`` and ``num_processes`` (in all) are the file's topology (``prepare_multi_gpu_env``
+    starts ``num_processes // num_machines`` per machine).
+    """
+    launch = config.launch
+    if launch is None or launch.processes is None:
+        return hw
+    machines, per_machine = launch.machines, launch.processes // launch.machines
+    nodes = machines if hw.nodes is None else hw.nodes
+    gpus = per_machine if hw.gpus_per_node is None else hw.gpus_per_node
+    if nodes * gpus != launch.processes or (
+        hw.world_size is None and (nodes, gpus) != (machines, per_machine)
+    ):
+        given = f"{hw.nodes if hw.nodes is not None else '?'} node(s) x {hw.gpus_per_node or '?'} GPU(s)"
+        raise ConfigError(
+            "num_processes",
+            f"the file asks for {launch.processes} processes on {machines} machine(s), but the target "
+            f"is {given}",
+            "make them agree: change num_processes / num_machines, or the topology you give "
+            "(--nodes, --gpus-per-node, --workers, spec.topology)",
+        )
+    return dataclasses.replace(hw, nodes=nodes, gpus_per_node=gpus)
+
+
+def _renamed(exc: ConfigError, field: str) -> ConfigError:
+    if isinstance(exc, ProcessCountError):
+        return ProcessCountError(field, exc.reason, exc.hint or "", product=exc.product, world=exc.world)
+    return ConfigError(field, exc.reason, exc.hint)
+
+
+def _plan(config: TrainingConfig, hw: Hardware, deepspeed_path: str) -> Plan:
+    b = _Builder()
     if config.ddp_timeout:
         b.set("AXOLOTL_NCCL_TIMEOUT", str(config.ddp_timeout), "ddp_timeout", mode="default")
     b.defer("nccl_p2p_check", "NCCL_P2P_DISABLE", "default", value_if_unsupported="1", skip_if_set=True)
+    b.warnings.extend(
+        f"{key}: not a key optimenv reads; did you mean {close!r}?" for key, close in config.near_misses
+    )
 
     fsdp_version: int | None = None
     ds_json: dict[str, Any] | None = None
@@ -175,6 +228,7 @@ def plan(
     _parallelism(config, hw, b)
     _torch_compile(config, hw, b)
     precision = _mixed_precision(config, hw, b, ds_json)
+    _launch_switches(config, b)
 
     if fsdp_version == 2 and hw.torch_version and not at_least(hw.torch_version, "2.7"):
         raise ConfigError("fsdp_version", f"FSDP2 needs torch >= 2.7.0, the workers have {hw.torch_version}")
@@ -189,6 +243,17 @@ def plan(
         fsdp_version=fsdp_version,
         mixed_precision=precision,
     )
+
+
+def _launch_switches(config: TrainingConfig, b: _Builder) -> None:
+    """Debug mode and CPU affinity, which only an ``accelerate config`` file sets (``utils/launch.py``)."""
+    launch = config.launch
+    if launch is None:
+        return
+    if launch.debug:
+        b.set("ACCELERATE_DEBUG_MODE", "true", "debug")
+    if launch.cpu_affinity:
+        b.set("ACCELERATE_CPU_AFFINITY", "1", "enable_cpu_affinity")
 
 
 def _fsdp(config: TrainingConfig, b: _Builder) -> int:
@@ -259,6 +324,11 @@ def _fsdp(config: TrainingConfig, b: _Builder) -> int:
         )
     if fc.min_num_params:
         b.set("FSDP_MIN_NUM_PARAMS", str(fc.min_num_params), src + "min_num_params")
+    # Read by Accelerate, dropped by Axolotl's schema (C2).
+    if fc.activation_checkpointing_offload:
+        b.set("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", "true", src + "activation_checkpointing_offload")
+    if fc.ignored_modules:
+        b.set("FSDP_IGNORED_MODULES", fc.ignored_modules, src + "ignored_modules")
 
     if version == 2:
         reshard = fc.reshard_after_forward
@@ -306,25 +376,32 @@ def _deepspeed(
         raise ConfigError("deepspeed", "was not resolved; load the config with optimenv.load_config")
     ds_json = ds.json_copy(loaded)
     stage = ds.zero_stage(ds_json)
-    if stage is not None and isinstance(ds_json["zero_optimization"].get("stage"), str):
-        ds_json["zero_optimization"]["stage"] = stage
-        b.warnings.append("deepspeed: zero_optimization.stage was a string; written as a number")
-    tp = config.tensor_parallel_size or 1
-    if tp > 1:
-        # Axolotl's AutoTP rewrite (check_tensor_parallel_size_update_ds_json).
-        ds_json.setdefault("tensor_parallel", {})["autotp_size"] = tp
-        ds_json.setdefault("zero_optimization", {})["gather_16bit_weights_on_model_save"] = True
-    if config.deepcompile:
-        ds_json.setdefault("compile", {})["deepcompile"] = True
+    if config.launch is None:
+        _axolotl_rewrites(config, ds_json, stage, b)
 
     b.set("ACCELERATE_USE_DEEPSPEED", "true", "deepspeed")
     b.set("ACCELERATE_DEEPSPEED_CONFIG_FILE", path, "deepspeed")
-    gas, gas_src = _gradient_accumulation(config)
-    b.set("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", str(gas), gas_src)
+    launch = config.launch
+    if launch is None or launch.gradient_accumulation_written:
+        # accelerate launch exports it only when the file sets it; Axolotl always (trainer.py:554-556).
+        gas, gas_src = _gradient_accumulation(config)
+        b.set("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", str(gas), gas_src)
     if stage:
         b.set("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(stage), "deepspeed.zero_optimization.stage")
-        if stage == 3:
-            b.set("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true", "deepspeed.zero_optimization.stage")
+    if launch is not None and launch.zero3_init is not None:
+        b.set(
+            "ACCELERATE_DEEPSPEED_ZERO3_INIT",
+            str(launch.zero3_init).lower(),
+            "deepspeed_config.zero3_init_flag",
+        )
+    elif stage == 3:
+        b.set("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true", "deepspeed.zero_optimization.stage")
+    if launch is not None and launch.moe_layer_cls_names is not None:
+        b.set(
+            "ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES",
+            launch.moe_layer_cls_names,
+            "deepspeed_config.deepspeed_moe_layer_cls_names",
+        )
     if hw.world_size in (None, 1):
         b.defer("single_gpu_rendezvous_defaults", None, "deepspeed", defaults=dict(SINGLE_GPU_DEFAULTS))
     reentrant = config.extra("gradient_checkpointing_kwargs")
@@ -344,6 +421,36 @@ def _deepspeed(
     return ds_json, stage
 
 
+def _axolotl_rewrites(
+    config: TrainingConfig, ds_json: dict[str, Any], stage: int | None, b: _Builder
+) -> None:
+    """The JSON as Axolotl's validators rewrite it: a numeric stage, AutoTP and DeepCompile (C12, C23)."""
+    if stage is not None and isinstance(ds_json["zero_optimization"].get("stage"), str):
+        ds_json["zero_optimization"]["stage"] = stage
+        b.warnings.append("deepspeed: zero_optimization.stage was a string; written as a number")
+    tp = config.tensor_parallel_size or 1
+    if tp > 1:
+        # check_tensor_parallel_size_update_ds_json (validation.py:1156-1186) adds what is missing.
+        section = ds_json.setdefault("tensor_parallel", {})
+        if not isinstance(section, dict) or section.setdefault("autotp_size", tp) != tp:
+            raise ConfigError(
+                "deepspeed.tensor_parallel.autotp_size",
+                f"{section.get('autotp_size') if isinstance(section, dict) else section!r} contradicts "
+                f"tensor_parallel_size {tp}",
+                "remove it from the DeepSpeed JSON (tensor_parallel_size fills it) or make them equal",
+            )
+        ds_json.setdefault("zero_optimization", {}).setdefault("gather_16bit_weights_on_model_save", True)
+    if config.deepcompile:
+        # check_deepcompile (validation.py:1188-1206) adds {"deepcompile": true} only without "compile".
+        section = ds_json.setdefault("compile", {})
+        if not isinstance(section, dict) or section.setdefault("deepcompile", True) is not True:
+            raise ConfigError(
+                "deepspeed.compile.deepcompile",
+                "contradicts deepcompile: true",
+                "set it to true or remove it",
+            )
+
+
 def _gradient_accumulation(config: TrainingConfig) -> tuple[int, str]:
     if config.batch_size is not None and "batch_size" in config.model_fields_set:
         # Axolotl exports the schema default (or "None") here and derives GAS only later (D3).
@@ -357,121 +464,164 @@ def _gradient_accumulation(config: TrainingConfig) -> tuple[int, str]:
     return config.gradient_accumulation_steps, src
 
 
+def parallel_inputs(config: TrainingConfig) -> tuple[parallel.Sizes, parallel.Layout]:
+    """The parallel sizes as written and what decides the rest (see :mod:`optimenv.parallel`)."""
+    fc = config.fsdp_config
+    fsdp_config = fc is not None and bool(fc.model_fields_set)
+    version = config.effective_fsdp_version if config.fsdp_enabled else None
+    tp, cp = config.tensor_parallel_size or 1, config.context_parallel_size or 1
+    written = parallel.Sizes(
+        tp=tp,
+        cp=cp,
+        dp_shard=config.dp_shard_size,
+        dp_replicate=config.dp_replicate_size,
+        ep=config.expert_parallel_size or 1,
+    )
+    launch = config.launch
+    if launch is not None:
+        layout = parallel.Layout(
+            fsdp=config.fsdp_enabled,
+            fsdp_version=version,
+            deepspeed=config.deepspeed is not None,
+            infer=False,
+            axolotl=False,
+            always_built=launch.parallelism_config,
+            names=launch.size_names,
+        )
+        return written, layout
+    # Axolotl's loader builds its mesh for FSDP2, or for TP / CP unless FSDP1 (loaders/model.py:207-219).
+    infer = version == 2 if fsdp_config else (tp > 1 or cp > 1)
+    layout = parallel.Layout(
+        fsdp=config.fsdp_enabled, fsdp_version=version, deepspeed=config.deepspeed is not None, infer=infer
+    )
+    return written, layout
+
+
 def _parallelism(config: TrainingConfig, hw: Hardware, b: _Builder) -> None:
-    enabled = False
-    sizes = (
-        ("PARALLELISM_CONFIG_TP_SIZE", "tensor_parallel_size", config.tensor_parallel_size),
-        ("PARALLELISM_CONFIG_DP_SHARD_SIZE", "dp_shard_size", config.dp_shard_size),
-        ("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "dp_replicate_size", config.dp_replicate_size),
-    )
-    for name, key, value in sizes:
-        if (value or 1) > 1:
-            b.set(name, str(value), key)
-            enabled = True
-    cp = config.context_parallel_size or 1
+    written, layout = parallel_inputs(config)
+    names = layout.names
+    for axis in ("tp", "dp_shard", "dp_replicate"):
+        if written.value(axis) > 1:
+            b.set(parallel.VARIABLES[axis], str(written.value(axis)), names[axis])
     # Validation copies the deprecated sequence_parallel_degree into context_parallel_size.
-    cp_src = (
-        "sequence_parallel_degree" if config.sequence_parallel_degree is not None else "context_parallel_size"
-    )
+    cp_src = "sequence_parallel_degree" if config.sequence_parallel_degree is not None else names["cp"]
     if config.sequence_parallel_degree is not None:
         b.warnings.append("sequence_parallel_degree: deprecated; use context_parallel_size")
-    if cp > 1:
-        b.set("PARALLELISM_CONFIG_CP_SIZE", str(cp), cp_src)
-        b.set("ACCELERATE_ALLOW_CP_STANDALONE", "true", cp_src)
-        enabled = True
-    ep = config.expert_parallel_size or 1
-    if ep > 1:
-        b.set("PARALLELISM_CONFIG_EP_SIZE", str(ep), "expert_parallel_size")
-        if (config.dp_shard_size or 1) > 1:
-            enabled = True
-        else:
+    if written.cp > 1:
+        b.set(parallel.VARIABLES["cp"], str(written.cp), cp_src)
+        if layout.axolotl:
+            b.set("ACCELERATE_ALLOW_CP_STANDALONE", "true", cp_src)
+    if written.ep > 1:
+        b.set(parallel.VARIABLES["ep"], str(written.ep), names["ep"])
+        if written.value("dp_shard") <= 1:
             b.warnings.append(
                 "expert_parallel_size: without dp_shard_size > 1 Accelerate's ParallelismConfig "
                 "stays off (as in Axolotl); only Axolotl's own patch reads PARALLELISM_CONFIG_EP_SIZE"
             )
-    if enabled:
-        b.set("ACCELERATE_USE_PARALLELISM_CONFIG", "true", _first_parallel_source(b))
-    if hw.world_size is not None:
-        check_world_size(
-            {v.name: v.value for v in b.env.values()},
-            {v.name: v.source for v in b.env.values()},
-            hw.world_size,
-            f"{hw.nodes} node(s) x {hw.gpus_per_node}",
-        )
+    _launch_parallelism(config, b)
+    world = hw.world_size
+    if world is not None:
+        settled = parallel.settle(written, world, layout, f"{hw.nodes} node(s) x {hw.gpus_per_node}")
+        for axis, size in settled.inferred.items():
+            b.set(parallel.VARIABLES[axis], str(size), f"{names[axis]} {INFERRED}")
+        b.warnings.extend(settled.notes)
+    else:
+        parallel.check_static(written, layout)
+        if written.ep > 1 or (layout.infer and layout.builds_config(written)):
+            b.defer(
+                "parallel_sizes",
+                None,
+                _first_parallel_source(b, names),
+                written=written._asdict(),
+                layout={**layout._asdict(), "names": dict(names)},
+            )
+    if layout.builds_config(written):
+        b.set("ACCELERATE_USE_PARALLELISM_CONFIG", "true", _first_parallel_source(b, names))
 
 
-class ProcessCountError(ConfigError):
-    """The parallelism sizes multiply to ``product`` processes, the job has ``world`` (C28)."""
-
-    def __init__(self, field: str, message: str, hint: str, *, product: int, world: int) -> None:
-        super().__init__(field, message, hint)
-        self.product = product
-        self.world = world
+def _launch_parallelism(config: TrainingConfig, b: _Builder) -> None:
+    """What only an ``accelerate config`` file sets: the context-parallel communication strategy."""
+    launch = config.launch
+    if launch is not None and launch.cp_comm_strategy is not None and (config.context_parallel_size or 1) > 1:
+        b.set("PARALLELISM_CONFIG_CP_COMM_STRATEGY", launch.cp_comm_strategy, launch.size_names["cp"])
 
 
-#: ``PARALLELISM_CONFIG_<X>_SIZE`` suffix -> the config field that sets it.
-_SIZE_FIELDS = (
-    ("TP", "tensor_parallel_size"),
-    ("DP_SHARD", "dp_shard_size"),
-    ("DP_REPLICATE", "dp_replicate_size"),
-    ("CP", "context_parallel_size"),
-    ("EP", "expert_parallel_size"),
-)
+def check_process_count(result: Plan, world: int, what: str) -> None:
+    """The plan's parallel sizes fit ``world`` processes, as Accelerate checks them (C28, C29).
+
+    A plan made without the process count still carries the sizes to infer: they are settled for
+    ``world`` here exactly as the worker will settle them.
+    """
+    step = next((d for d in result.deferred if d.kind == "parallel_sizes"), None)
+    if step is not None:
+        written, layout = parallel_step_inputs(dict(step.detail))
+        parallel.settle(written, world, layout, what)
+        return
+    check_world_size(result.env_dict, result.sources, world, what)
+
+
+def parallel_step_inputs(detail: Mapping[str, Any]) -> tuple[parallel.Sizes, parallel.Layout]:
+    """The ``parallel_sizes`` step's detail back as :func:`optimenv.parallel.settle`'s inputs."""
+    return parallel.step_inputs(detail)
 
 
 def check_world_size(env: Mapping[str, str], sources: Mapping[str, str], world: int, what: str) -> None:
-    """With the flag set the sizes must multiply to exactly ``world`` processes (C28).
+    """With the flag set the planned sizes must multiply to exactly ``world`` processes (C28).
 
     Accelerate checks this when it builds ``ParallelismConfig`` (``parallelism_config.py:370-377``);
-    its one exemption, DeepSpeed sequence parallelism (``PARALLELISM_CONFIG_SP_SIZE``), is never
-    planned. EP counts because Axolotl's patch, the only reader of ``PARALLELISM_CONFIG_EP_SIZE``,
-    multiplies it into the total. Without the flag no ``ParallelismConfig`` is built.
+    EP counts because Axolotl's patch, the only reader of ``PARALLELISM_CONFIG_EP_SIZE``, multiplies
+    it into the total. The hint never proposes a value for a size the user wrote.
     """
     if env.get("ACCELERATE_USE_PARALLELISM_CONFIG") != "true":
         return
-    sizes = {var: int(env.get(f"PARALLELISM_CONFIG_{var}_SIZE", "1")) for var, _ in _SIZE_FIELDS}
-    product = math.prod(sizes.values())
-    if product == world:
-        return
-    fields = dict(_SIZE_FIELDS)
-    # Data parallelism (dp_shard) is the usual knob, unless DeepSpeed shards and none was asked for;
-    # then the sizes the config set, in Axolotl's order.
-    deepspeed = env.get("ACCELERATE_USE_DEEPSPEED") == "true" and sizes["DP_SHARD"] == 1
-    candidates = [
-        *(["DP_SHARD"] if not deepspeed else []),
-        *(var for var, _ in _SIZE_FIELDS if var != "DP_SHARD" and sizes[var] > 1),
-    ]
-    first = next(var for var, _ in _SIZE_FIELDS if sizes[var] > 1)
-    message = (
-        f"the parallelism sizes multiply to {product}, but Accelerate needs them to equal the "
-        f"{world} processes ({what})"
+    sizes = {axis: int(env.get(var, "1")) for axis, var in parallel.VARIABLES.items()}
+
+    def as_written(axis: str) -> int | None:
+        return sizes[axis] if _written(sources.get(parallel.VARIABLES[axis])) else None
+
+    written = parallel.Sizes(
+        tp=sizes["tp"],
+        cp=sizes["cp"],
+        dp_shard=as_written("dp_shard"),
+        dp_replicate=as_written("dp_replicate"),
+        ep=sizes["ep"],
     )
-    for var in candidates:
-        rest = product // sizes[var]
-        if world % rest == 0:
-            field_name = sources.get(f"PARALLELISM_CONFIG_{var}_SIZE", fields[var])
-            raise ProcessCountError(
-                field_name,
-                message,
-                f"set {field_name} to {world // rest} so the sizes multiply to the {world} GPUs",
-                product=product,
-                world=world,
-            )
+    product = math.prod(sizes[a] for a in ("tp", "dp_shard", "dp_replicate", "cp"))
+    if sizes["dp_shard"] > 1:
+        product *= sizes["ep"]
+    if product == world or product == 1:
+        return
+    names = {
+        axis: sources.get(var, parallel.AXOLOTL_FIELDS[axis]) for axis, var in parallel.VARIABLES.items()
+    }
+    names = {axis: name.removesuffix(f" {INFERRED}") for axis, name in names.items()}
+    layout = parallel.Layout(fsdp=False, fsdp_version=None, deepspeed=False, infer=False, names=names)
+    inferred = any(sizes[a] > 1 and getattr(written, a) is None for a in ("dp_shard", "dp_replicate"))
     raise ProcessCountError(
-        sources.get(f"PARALLELISM_CONFIG_{first}_SIZE", fields[first]),
-        message,
-        "make tensor_parallel_size x dp_shard_size x dp_replicate_size x context_parallel_size "
-        f"(x expert_parallel_size) equal {world}",
+        next(names[a] for a in ("tp", "dp_shard", "dp_replicate", "cp", "ep") if sizes[a] > 1),
+        f"the parallelism sizes multiply to {product}, but Accelerate needs them to equal the {world} "
+        f"processes ({what})",
+        "the plan inferred sizes for another process count: plan again for this one"
+        if inferred
+        else parallel.hint(written, world, layout, product),
         product=product,
         world=world,
     )
 
 
-def _first_parallel_source(b: _Builder) -> str:
-    return next(v.source for v in b.env.values() if v.name.startswith("PARALLELISM_CONFIG_"))
+def _written(source: str | None) -> bool:
+    return source is not None and not source.endswith(INFERRED)
+
+
+def _first_parallel_source(b: _Builder, names: Mapping[str, str]) -> str:
+    return next(
+        (v.source for v in b.env.values() if v.name.startswith("PARALLELISM_CONFIG_")),
+        names.get("config", "parallelism_config"),
+    )
 
 
 def _torch_compile(config: TrainingConfig, hw: Hardware, b: _Builder) -> None:
+    _compile_option_warnings(config, hw, b)
     if not config.torch_compile:
         return
     backend = (config.torch_compile_backend or "inductor").upper()
@@ -489,6 +639,36 @@ def _torch_compile(config: TrainingConfig, hw: Hardware, b: _Builder) -> None:
         if not at_least(hw.torch_version, "2.5.1"):
             return
     b.set("ACCELERATE_DYNAMO_BACKEND", backend, src)
+    launch = config.launch
+    if launch is not None:
+        # What prepare_multi_gpu_env writes next to the backend (utils/launch.py:298-302).
+        b.set("ACCELERATE_DYNAMO_MODE", launch.dynamo_mode or "default", "dynamo_config.dynamo_mode")
+        for var, value, key in (
+            ("USE_FULLGRAPH", launch.dynamo_fullgraph, "dynamo_use_fullgraph"),
+            ("USE_DYNAMIC", launch.dynamo_dynamic, "dynamo_use_dynamic"),
+            ("USE_REGIONAL_COMPILATION", launch.dynamo_regional, "dynamo_use_regional_compilation"),
+        ):
+            b.set(f"ACCELERATE_DYNAMO_{var}", str(value).lower(), f"dynamo_config.{key}")
+
+
+def _compile_option_warnings(config: TrainingConfig, hw: Hardware, b: _Builder) -> None:
+    """Axolotl's warnings about ``torch_compile_options`` (schemas/config.py:1641-1656, :2057-2062)."""
+    options = config.torch_compile_options
+    if not options:
+        return
+    if (
+        config.torch_compile == "auto"
+        and hw.torch_version is not None
+        and not at_least(hw.torch_version, "2.5.1")
+    ):
+        b.warnings.append(
+            f"torch_compile_options: ignored, torch_compile: auto stays off with torch {hw.torch_version}"
+        )
+    if options.get("triton.cudagraphs") and config.extra("sample_packing"):
+        b.warnings.append(
+            "torch_compile_options: triton.cudagraphs needs static shapes, which sample_packing does not "
+            "give; graphs are captured again or skipped"
+        )
 
 
 def _mixed_precision(
@@ -508,6 +688,10 @@ def _mixed_precision(
         value, src = "fp8", "fp8"
         if not config.torch_compile:
             b.warnings.append("fp8: without torch_compile fp8 training may be slower than bf16")
+        fc = config.fsdp_config
+        if fc is not None and fc.activation_checkpointing:
+            # check_fp8_config (validation.py:434-441).
+            b.warnings.append("fp8: with FSDP activation checkpointing it may be slower than bf16")
         if config.bf16 is True or config.fp16:
             b.warnings.append("fp8: takes precedence over bf16/fp16 (as in Axolotl)")
     elif config.bf16 is True:
@@ -521,32 +705,38 @@ def _mixed_precision(
         if config.fp16:
             b.warnings.append("fp16: ignored because bf16 is true (as in Axolotl)")
     elif config.bf16 == "auto":
-        fallback = "fp16" if config.fp16 else "no"
-        if config.fp16 and not bf16_explicit:
-            # Axolotl picks bf16 here on bf16 hardware although the user asked for fp16.
+        # What Axolotl trains with (resolve_dtype, utils/config/__init__.py:156-172): fp16 wins over
+        # auto; without bf16 support it turns fp16 on unless fp16: false or float16 (C14).
+        fallback = "no" if config.fp16 is False or config.extra("float16") else "fp16"
+        if config.fp16:
             value, src = "fp16", "fp16"
         elif hw.bf16_supported is None:
-            b.defer("bf16_auto", name, "bf16", if_supported="bf16", otherwise=fallback)
-            _check_deepspeed_precision(ds_json, None, b)
+            # A worker without a GPU trains in fp32: Accelerate refuses fp16 off the GPU.
+            b.defer("bf16_auto", name, "bf16", if_supported="bf16", otherwise=fallback, without_gpu="no")
+            _check_deepspeed_precision(config, ds_json, None, b)
             return None
         elif hw.bf16_supported:
             value, src = "bf16", "bf16"
-            if config.fp16:
-                b.warnings.append("fp16: ignored because bf16: auto resolves to bf16 here (as in Axolotl)")
         else:
-            value, src = fallback, ("fp16" if config.fp16 else "bf16")
+            value, src = fallback, "bf16"
     elif config.fp16:
         value, src = "fp16", "fp16"
     else:
         value, src = "no", "bf16" if bf16_explicit else "default"
-    _check_deepspeed_precision(ds_json, value, b)
+    _check_deepspeed_precision(config, ds_json, value, b)
     b.set(name, value, src)
     return value
 
 
-def _check_deepspeed_precision(ds_json: dict[str, Any] | None, precision: str | None, b: _Builder) -> None:
-    """A DeepSpeed JSON that hard-codes a precision the plan does not use trains wrongly (D14)."""
-    if ds_json is None:
+def _check_deepspeed_precision(
+    config: TrainingConfig, ds_json: dict[str, Any] | None, precision: str | None, b: _Builder
+) -> None:
+    """A DeepSpeed JSON that hard-codes a precision the plan does not use trains wrongly (D14).
+
+    From an ``accelerate config`` file, mixed precision ``no`` leaves the choice to the JSON, as
+    ``DeepSpeedPlugin.set_mixed_precision`` does (``utils/dataclasses.py:1415-1440``).
+    """
+    if ds_json is None or (config.launch is not None and precision == "no"):
         return
     for key in ("bf16", "fp16"):
         if ds.precision_flag(ds_json, key) is True:

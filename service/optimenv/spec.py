@@ -33,6 +33,7 @@ DeferredKind = Literal[
     "require_fp8",
     "single_gpu_rendezvous_defaults",
     "deepspeed_zero3_config",
+    "parallel_sizes",
 ]
 DEFERRED_KINDS: frozenset[str] = frozenset(get_args(DeferredKind))
 

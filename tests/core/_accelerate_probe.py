@@ -7,6 +7,12 @@ parallelism objects from it, then ``AcceleratorState``'s mixed-precision choice)
 these constructors are the part of Accelerate's env contract that can run (see machine-notes.md).
 
 argv[1]: JSON list of the plan's deferred steps. stdout: one JSON document.
+
+``--batch FILE``: many environments in one process (imports dominate the cost). FILE holds a JSON
+list of ``{"name", "cwd", "env"}`` or ``{"name", "cwd", "launch"}``; ``launch`` is an ``accelerate
+launch`` argument list whose environment Accelerate's own launcher computes (``accelerate_env`` of
+``bench/gpu/ray_bare.py``). Each is probed alone: the variables of the one before are removed and
+Accelerate's state is reset. stdout: ``{name: {"env": ..., "seen": ...}}``.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ def _fsdp() -> dict[str, Any]:
         "cpu_ram_efficient_loading": plugin.cpu_ram_efficient_loading,
         "backward_prefetch": _name(plugin.backward_prefetch),
         "forward_prefetch": plugin.forward_prefetch,
+        "activation_checkpointing_offload": plugin.activation_checkpointing_offload,
+        "ignored_modules": plugin.ignored_modules,
     }
 
 
@@ -75,6 +83,8 @@ def _deepspeed() -> dict[str, Any]:
         "offload_param_device": plugin.offload_param_device,
         "offload_optimizer_device": plugin.offload_optimizer_device,
         "config_stage": zero["stage"],
+        "gradient_clipping": plugin.gradient_clipping,
+        "zero3_save_16bit_model": plugin.zero3_save_16bit_model,
     }
 
 
@@ -91,11 +101,11 @@ def _zero3_weakref(detail: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
+def probe(deferred: list[dict[str, Any]]) -> dict[str, Any]:
+    """What Accelerate builds from this process's environment (and the deferred ZeRO-3 step)."""
     from accelerate.state import AcceleratorState
     from accelerate.utils import ParallelismConfig, TorchDynamoPlugin
 
-    deferred = json.loads(sys.argv[1])
     result: dict[str, Any] = {}
     # Taken first: AcceleratorState below selects the DeepSpeed plugin, which registers its own.
     for step in deferred:
@@ -118,10 +128,19 @@ def main() -> None:
             "tp_size": pc.tp_size,
             "cp_size": pc.cp_size,
             "total_size": pc.total_size,
+            "cp_backend": pc.cp_backend,
+            "cp_comm_strategy": getattr(pc.cp_handler, "cp_comm_strategy", None),
         }
 
     dynamo = TorchDynamoPlugin()
     result["dynamo_backend"] = _name(dynamo.backend)
+    if result["dynamo_backend"] != "NO":  # Accelerator compiles with the plugin only then
+        result["dynamo"] = {
+            "mode": dynamo.mode,
+            "fullgraph": dynamo.fullgraph,
+            "dynamic": dynamo.dynamic,
+            "use_regional_compilation": dynamo.use_regional_compilation,
+        }
     state = AcceleratorState(_from_accelerator=True, dynamo_plugin=dynamo, **plugins)
     result["mixed_precision"] = state.mixed_precision
     if "fsdp_plugin" in plugins and state.mixed_precision != "no":
@@ -132,10 +151,52 @@ def main() -> None:
         config = plugins["deepspeed_plugin"].deepspeed_config
         result["deepspeed"]["bf16_enabled"] = config["bf16"]["enabled"]
         result["deepspeed"]["fp16_enabled"] = config["fp16"]["enabled"]
+        result["deepspeed"]["config"] = json.loads(json.dumps(config, default=str))
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         result["deepspeed"]["zero3_enabled_after_select"] = is_deepspeed_zero3_enabled()
-    print(json.dumps(result, sort_keys=True))
+    return result
+
+
+_PREFIXES = ("ACCELERATE_", "FSDP_", "PARALLELISM_CONFIG_")
+
+
+def _clean() -> None:
+    """Forget the environment and Accelerate state of the previous probe in this process."""
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    unset_hf_deepspeed_config()
+    for name in [n for n in os.environ if n.startswith(_PREFIXES)]:
+        del os.environ[name]
+
+
+def batch(path: str) -> dict[str, Any]:
+    import runpy
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    bare = runpy.run_path(os.path.join(here, "..", "..", "bench", "gpu", "ray_bare.py"))
+    out: dict[str, Any] = {}
+    with open(path, encoding="utf-8") as handle:
+        items = json.load(handle)
+    for item in items:
+        _clean()
+        os.chdir(item["cwd"])
+        env = item.get("env")
+        if env is None:
+            env = bare["accelerate_env"](item["launch"])
+        os.environ.update(env)
+        out[item["name"]] = {"env": env, "seen": probe([])}
+    _clean()
+    return out
+
+
+def main() -> None:
+    if sys.argv[1] == "--batch":
+        print(json.dumps(batch(sys.argv[2]), sort_keys=True))
+        return
+    print(json.dumps(probe(json.loads(sys.argv[1])), sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ CASES = [
     ),
     Case("deepspeed-and-fsdp-list", "deepspeed: zero2\nfsdp: [full_shard]\n", "deepspeed"),
     Case("deepspeed-missing-file", "deepspeed: ds_nowhere.json\n", "deepspeed", "preset name"),
-    Case("deepspeed-empty-string", "deepspeed: ''\n", "deepspeed"),
+    Case("deepspeed-blank-string", "deepspeed: '  '\n", "deepspeed"),
     Case(
         "deepspeed-invalid-json",
         "deepspeed: ds.json\n",
@@ -225,14 +225,14 @@ CASES = [
         "dp-shard-not-dividing",
         FSDP2 + "dp_shard_size: 3\n",
         "dp_shard_size",
-        "set dp_shard_size to 4",
+        "multiply to 3, which does not divide the 4 processes",
         options=("--nodes", "1", "--gpus-per-node", "4"),
     ),
     Case(
-        "dp-shard-dividing-but-not-equal",
-        FSDP2 + "dp_shard_size: 2\n",
+        "dp-sizes-over-the-gpus",
+        FSDP2 + "dp_shard_size: 2\ndp_replicate_size: 4\n",
         "dp_shard_size",
-        "set dp_shard_size to 4 so the sizes multiply to the 4 GPUs",
+        "change the sizes you wrote (dp_shard_size 2 x dp_replicate_size 4)",
         options=("--nodes", "1", "--gpus-per-node", "4"),
     ),
     Case(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 import re
 import shlex
 import subprocess
@@ -13,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from optimenv.cli import main
 from optimenv.config import load_config
 from optimenv.deepspeed import preset
 from optimenv.plan import Hardware, plan
@@ -23,30 +20,6 @@ EXAMPLES = REPO / "examples"
 ZERO3 = EXAMPLES / "zero3-gpu.yaml"
 FSDP2_CPU = EXAMPLES / "fsdp2-cpu.yaml"
 LEGACY = "fsdp: [full_shard, auto_wrap]\nbf16: true\n"
-
-
-class Run:
-    def __init__(self, code: int, out: str, err: str) -> None:
-        self.code, self.out, self.err = code, out, err
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Run ``optimenv.cli.main`` in-process, as the console script does, with ``stdin`` as given."""
-
-    def run(*argv: str | Path, stdin: str = "") -> Run:
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode()), encoding="utf-8"))
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        assert isinstance(exit_info.value.code, int)
-        return Run(exit_info.value.code, out, err)
-
-    return run
 
 
 def test_json_has_exactly_the_documented_shape(cli: Any) -> None:
@@ -217,13 +190,14 @@ def test_hardware_options_change_the_plan(cli: Any) -> None:
     unknown = cli("plan", FSDP2_CPU, "-o", "json").json()
     assert "ACCELERATE_MIXED_PRECISION" not in unknown["env"]
     [bf16] = [d for d in unknown["deferred"] if d["kind"] == "bf16_auto"]
-    assert bf16["detail"] == {"if_supported": "bf16", "otherwise": "no"}
+    assert bf16["detail"] == {"if_supported": "bf16", "otherwise": "fp16", "without_gpu": "no"}
 
     yes = cli("plan", FSDP2_CPU, "-o", "json", "--bf16-supported", "yes").json()
     assert yes["env"]["ACCELERATE_MIXED_PRECISION"] == "bf16"
     assert all(d["kind"] != "bf16_auto" for d in yes["deferred"])
+    # GPUs without bf16: Axolotl's resolve_dtype turns fp16 on (C14).
     no = cli("plan", FSDP2_CPU, "-o", "json", "--bf16-supported", "no").json()
-    assert no["env"]["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert no["env"]["ACCELERATE_MIXED_PRECISION"] == "fp16"
 
     def rendezvous(*options: str) -> bool:
         doc = cli("plan", ZERO3, "-o", "json", *options).json()
@@ -239,10 +213,12 @@ def test_hardware_options_change_the_plan(cli: Any) -> None:
     parallel = EXAMPLES / "parallel-gpu.yaml"
     assert cli("plan", parallel, "--nodes", "1", "--gpus-per-node", "4").code == 0
     refused = cli("plan", parallel, "--nodes", "1", "--gpus-per-node", "6")
-    assert refused.code == 1 and "multiply to 4, but Accelerate needs them to equal the 6" in refused.err
-    # 4 divides 8, but Accelerate needs exactly 4 processes (C28).
+    assert refused.code == 1 and "multiply to 4, which does not divide the 6 processes" in refused.err
+    # 4 divides 8, but Accelerate needs exactly 4 processes (C28); both sizes are written, so the
+    # hint proposes no value for either (C29: hints never override what the user wrote).
     refused = cli("plan", parallel, "--nodes", "2", "--gpus-per-node", "4")
-    assert refused.code == 1 and "(set dp_shard_size to 4 so the sizes multiply to the 8 GPUs)" in refused.err
+    assert refused.code == 1 and "multiply to 4, but Accelerate needs them to equal the 8" in refused.err
+    assert "(change the sizes you wrote (dp_shard_size 2 x dp_replicate_size 2)" in refused.err
 
 
 def _readme_sample() -> tuple[str, str]:

@@ -224,10 +224,26 @@ add(
     ),
     Case("r6-bf16-auto-supported", "ref §2 row 6", {"bf16": "auto"}, (MP_BF16,)),
     Case("r6-bf16-default-is-auto", "ref §3.1 bf16 default auto", {}, (MP_BF16,)),
+    # C14: Axolotl exports "no" here, then resolve_dtype turns fp16 on and it trains in fp16
+    # (utils/config/__init__.py:156-172): the plan says fp16.
     Case(
-        "r6-bf16-auto-unsupported",
-        "ref §2 row 6",
+        "r6-bf16-auto-unsupported-trains-fp16-C14",
+        "ref §2 row 6; utils/config/__init__.py:157-167",
         {"bf16": "auto"},
+        ((MP, "fp16", "bf16"),),
+        hw=HW_NO_BF16,
+    ),
+    Case(
+        "r6-bf16-auto-unsupported-fp16-false-C14",
+        "utils/config/__init__.py:166: fp16 is turned on only when it is unset",
+        {"bf16": "auto", "fp16": False},
+        ((MP, "no", "bf16"),),
+        hw=HW_NO_BF16,
+    ),
+    Case(
+        "r6-bf16-auto-unsupported-float16-C14",
+        "utils/config/__init__.py:166: ... and float16 (no AMP) is not set",
+        {"bf16": "auto", "float16": True},
         ((MP, "no", "bf16"),),
         hw=HW_NO_BF16,
     ),
@@ -263,12 +279,13 @@ add(
         (MP_BF16,),
         warnings=("fp16: ignored because bf16 is true",),
     ),
+    # C14: Axolotl exports bf16 on a bf16 GPU, but normalize_config then sets bf16 false and the
+    # Trainer runs fp16 (utils/config/__init__.py:169-170).
     Case(
-        "r6-bf16-explicit-auto-and-fp16-warns",
-        "ref §2 row 6: auto+supported before fp16",
+        "r6-bf16-explicit-auto-and-fp16-trains-fp16-C14",
+        "ref §2 row 6; utils/config/__init__.py:169-170",
         {"bf16": "auto", "fp16": True},
-        (MP_BF16,),
-        warnings=("fp16: ignored because bf16: auto resolves to bf16",),
+        ((MP, "fp16", "fp16"),),
     ),
     # C14: with bf16 left unset, fp16: true means fp16 (Axolotl gives bf16 on a bf16 GPU).
     Case("r6-fp16-bf16-unset-C14", "ref §2 row 6; issue 3", {"fp16": True}, ((MP, "fp16", "fp16"),)),
@@ -1155,17 +1172,30 @@ add(
         ),
     ),
     Case(
-        "s2.4-ep-without-dp_shard-C24",
-        "ref §2.4 EP without dp_shard: no flag",
-        {"expert_parallel_size": 2},
-        (("PARALLELISM_CONFIG_EP_SIZE", "2", "expert_parallel_size"), MP_BF16),
+        "s2.4-pure-ep-C24",
+        "ref §2.4 EP without dp_shard: no flag; expert_parallel/plugin.py:292-293 (ep == world)",
+        {"expert_parallel_size": 8},
+        (("PARALLELISM_CONFIG_EP_SIZE", "8", "expert_parallel_size"), MP_BF16),
         warnings=("expert_parallel_size: without dp_shard_size > 1",),
+    ),
+    # C30: the expert-parallel plugin refuses EP that leaves ranks unfilled (plugin.py:282-290).
+    Case(
+        "s2.4-ep-alone-below-world-C30",
+        "integrations/expert_parallel/plugin.py:282-290",
+        {"expert_parallel_size": 2},
+        hw=HW_4,
+        error="expert_parallel_size",
+    ),
+    Case(
+        "s2.4-ep-with-tp-C30",
+        "integrations/expert_parallel/plugin.py:301-307: EP x TP not supported",
+        {"expert_parallel_size": 2, "dp_shard_size": 2, "tensor_parallel_size": 2},
+        error="expert_parallel_size",
     ),
     Case(
         "s2.4-all-order",
         "ref §2.4 write order",
         {
-            "expert_parallel_size": 2,
             "context_parallel_size": 2,
             "dp_replicate_size": 2,
             "dp_shard_size": 2,
@@ -1177,22 +1207,32 @@ add(
             ("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "2", "dp_replicate_size"),
             ("PARALLELISM_CONFIG_CP_SIZE", "2", "context_parallel_size"),
             ("ACCELERATE_ALLOW_CP_STANDALONE", "true", "context_parallel_size"),
-            ("PARALLELISM_CONFIG_EP_SIZE", "2", "expert_parallel_size"),
             (USE_PC, "true", "tensor_parallel_size"),
             MP_BF16,
         ),
-        hw=Hardware(nodes=4, gpus_per_node=8, bf16_supported=True, torch_version="2.13.0"),
+        hw=Hardware(nodes=2, gpus_per_node=8, bf16_supported=True, torch_version="2.13.0"),
     ),
+    # C29: Axolotl's loader fills dp_shard_size from the world (utils/distributed.py:350-353).
     Case(
-        "s2.4-with-fsdp2-after-fsdp-block",
-        "ref §2 row 4 after row 2; TP exported with FSDP too",
+        "s2.4-with-fsdp2-after-fsdp-block-C29",
+        "ref §2 row 4 after row 2; TP exported with FSDP too; distributed.py:350-353",
         {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}, "tensor_parallel_size": 2},
         fsdp2_env(
             ("FSDP_RESHARD_AFTER_FORWARD", "true", src("reshard_after_forward")),
             ("PARALLELISM_CONFIG_TP_SIZE", "2", "tensor_parallel_size"),
+            ("PARALLELISM_CONFIG_DP_SHARD_SIZE", "2", "dp_shard_size (inferred)"),
             (USE_PC, "true", "tensor_parallel_size"),
         ),
+        hw=HW_4,
+        warnings=("dp_shard_size: not set; 2 inferred from the 4 processes",),
+    ),
+    # Accelerate refuses FSDP2 whose mesh leaves it nothing to shard (parallelism_config.py:379-388).
+    Case(
+        "s2.4-fsdp2-all-tensor-parallel",
+        "accelerate parallelism_config.py:379-388",
+        {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}, "tensor_parallel_size": 2},
         hw=HW_2,
+        error="tensor_parallel_size",
     ),
     Case(
         "s2.4-sizes-must-equal-processes-C28",
@@ -1200,23 +1240,65 @@ add(
         {"tensor_parallel_size": 3},
         error="tensor_parallel_size",
     ),
+    # C29: a written dp_shard_size stands; the loader replicates the rest (distributed.py:359-369).
     Case(
-        "s2.4-sizes-dividing-is-not-enough-C28",
-        "accelerate parallelism_config.py:370-377",
+        "s2.4-fsdp2-dp_shard-replicates-the-rest-C29",
+        "distributed.py:359-369",
         {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}, "dp_shard_size": 2},
-        error="dp_shard_size",
+        fsdp2_env(
+            ("FSDP_RESHARD_AFTER_FORWARD", "true", src("reshard_after_forward")),
+            ("PARALLELISM_CONFIG_DP_SHARD_SIZE", "2", "dp_shard_size"),
+            ("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "4", "dp_replicate_size (inferred)"),
+            (USE_PC, "true", "dp_shard_size"),
+        ),
+        warnings=("dp_replicate_size: not set; 4 inferred from the 8 processes",),
     ),
     Case(
-        "s2.4-deepspeed-cp-is-not-exempt-C28",
-        "accelerate exempts only PARALLELISM_CONFIG_SP_SIZE, which Axolotl never sets",
+        "s2.4-deepspeed-cp-infers-dp_shard-C29",
+        "distributed.py:350-353: CP builds the loader's mesh without FSDP too",
         {"deepspeed": {"zero_optimization": {"stage": 3}}, "context_parallel_size": 4},
-        error="context_parallel_size",
+        (
+            DS_ON,
+            DS_FILE,
+            GAS_1,
+            *ZERO3,
+            ("PARALLELISM_CONFIG_CP_SIZE", "4", "context_parallel_size"),
+            ("ACCELERATE_ALLOW_CP_STANDALONE", "true", "context_parallel_size"),
+            ("PARALLELISM_CONFIG_DP_SHARD_SIZE", "2", "dp_shard_size (inferred)"),
+            (USE_PC, "true", "context_parallel_size"),
+            MP_BF16,
+        ),
+        warnings=("dp_shard_size: not set; 2 inferred from the 8 processes",),
+        deferred=(P2P, "deepspeed_zero3_config"),
+        deepspeed={"zero_optimization": {"stage": 3}},
+    ),
+    # C28: without TP/CP the loader builds no mesh for DeepSpeed; the sizes must fit as written.
+    Case(
+        "s2.4-deepspeed-dp_shard-must-fit-C28",
+        "loaders/model.py:207-219; accelerate parallelism_config.py:370-377",
+        {"deepspeed": "zero2", "dp_shard_size": 2},
+        error="dp_shard_size",
     ),
     Case(
-        "s2.4-ep-counts-with-the-flag-C28",
-        "Axolotl's EP patch multiplies ep_size into total_size",
+        "s2.4-ep-counts-with-the-flag-C30",
+        "Axolotl's EP plugin: ep x dp_shard x tp x cp must equal the world (plugin.py:282-290)",
         {"expert_parallel_size": 2, "dp_shard_size": 2},
-        error="dp_shard_size",
+        error="expert_parallel_size",
+    ),
+    # Accelerate refuses TP/CP with pure replication (parallelism_config.py:336-341).
+    Case(
+        "s2.4-tp-with-pure-replication",
+        "accelerate parallelism_config.py:336-341",
+        {"tensor_parallel_size": 2, "dp_replicate_size": 2, "dp_shard_size": 1},
+        hw=HW_4,
+        error="dp_replicate_size",
+    ),
+    Case(
+        "s2.4-fsdp1-refuses-parallel-sizes",
+        "accelerate parallelism_config.py:390-397: FSDP1 is neither FSDP2, DeepSpeed nor multi-device",
+        {**fsdp1(offload_params=True), "tensor_parallel_size": 2},
+        hw=HW_2,
+        error="tensor_parallel_size",
     ),
     Case("s2.4-size-zero-rejected-C19", "C19", {"dp_shard_size": 0}, error="dp_shard_size"),
 )
@@ -1300,6 +1382,12 @@ add(
         "s3.3-batch_size-without-micro_batch_size",
         "ref §3.3 check_batch_size_fields (0.19.0 validation.py:222-229)",
         {"batch_size": 8, "micro_batch_size": None},
+        error="micro_batch_size",
+    ),
+    Case(
+        "s3.3-batch_size-alone",
+        "0.19.0 check_batch_size_fields: micro_batch_size's default does not count",
+        {"batch_size": 8},
         error="micro_batch_size",
     ),
     Case(
@@ -1459,19 +1547,20 @@ def test_nccl_p2p_deferred_detail() -> None:
 @pytest.mark.parametrize(
     ("config", "detail"),
     [
-        ({}, {"if_supported": "bf16", "otherwise": "no"}),
-        ({"bf16": "auto", "fp16": True}, {"if_supported": "bf16", "otherwise": "fp16"}),
+        ({}, {"if_supported": "bf16", "otherwise": "fp16", "without_gpu": "no"}),
+        ({"fp16": False}, {"if_supported": "bf16", "otherwise": "no", "without_gpu": "no"}),
         (
             {"deepspeed": "deepspeed_configs/zero3_bf16.json"},
-            {"if_supported": "bf16", "otherwise": "no", "deepspeed_requires": "bf16"},
+            {"if_supported": "bf16", "otherwise": "fp16", "without_gpu": "no", "deepspeed_requires": "bf16"},
         ),
     ],
-    ids=["auto", "auto-else-fp16", "auto-deepspeed-needs-bf16-D14"],
+    ids=["auto-else-fp16-C14", "auto-fp16-false-else-no", "auto-deepspeed-needs-bf16-D14"],
 )
 def test_bf16_auto_deferred_detail(
     config: dict[str, Any], detail: dict[str, Any], request: pytest.FixtureRequest
 ) -> None:
-    """Row 6 with bf16 support unknown: the worker chooses, with the same fallbacks as Axolotl."""
+    """Row 6 with bf16 support unknown: the worker chooses, falling back as Axolotl's resolve_dtype
+    does (utils/config/__init__.py:157-167); a worker without a GPU trains in fp32."""
     result = plan(parse_config(config, base_dirs=_corpus_dirs(config, request)), HW_UNKNOWN)
     step = next(d for d in result.deferred if d.kind == "bf16_auto")
     assert (step.variable, step.source, dict(step.detail)) == ("ACCELERATE_MIXED_PRECISION", "bf16", detail)

@@ -157,11 +157,39 @@ def _c28(ex: Example) -> bool:
     return product > 1 and product != world and ex.error.field in sizes
 
 
-ENV_RULES: dict[str, Rule] = {"C1": _c1, "C2": _c2, "C3": _c3, "C4": _c4, "C6": _c6, "C13": _c13, "C14": _c14}
+def _c29(ex: Example, d: Diff) -> bool:
+    """A size Axolotl's loader infers from the process count (utils/distributed.py:320-378) is in the
+    environment too, so Accelerate builds the loader's mesh; Axolotl exports only the written ones."""
+    inferred = ("PARALLELISM_CONFIG_DP_SHARD_SIZE", "PARALLELISM_CONFIG_DP_REPLICATE_SIZE")
+    return d.name in inferred and d.theirs is None and (d.source or "").endswith("(inferred)")
+
+
+def _c30(ex: Example) -> bool:
+    """We refuse expert parallelism that Axolotl's expert-parallel plugin refuses when it loads the
+    model (integrations/expert_parallel/plugin.py:272-340), after prepare_optim_env has run."""
+    cfg = ex.config
+    return (
+        ex.error is not None
+        and cfg is not None
+        and (cfg.expert_parallel_size or 1) > 1
+        and ex.error.field == "expert_parallel_size"
+    )
+
+
+ENV_RULES: dict[str, Rule] = {
+    "C1": _c1,
+    "C2": _c2,
+    "C3": _c3,
+    "C4": _c4,
+    "C6": _c6,
+    "C13": _c13,
+    "C14": _c14,
+    "C29": _c29,
+}
 # Not per-variable: C11 (ACCELERATE_DEEPSPEED_CONFIG_FILE compared by JSON), C12 (string stage in the
 # JSON), C23 (AutoTP / DeepCompile rewrites in the JSON), C18 (Axolotl error on a field we do not own),
-# C28 (we refuse parallel sizes whose product is not the process count).
-ALL_RULES = (*ENV_RULES, "C11", "C12", "C18", "C23", "C28")
+# C28 (we refuse parallel sizes whose product is not the process count), C30 (expert parallelism).
+ALL_RULES = (*ENV_RULES, "C11", "C12", "C18", "C23", "C28", "C30")
 
 
 def _lines(corpus: Path) -> list[dict[str, Any]]:
@@ -210,11 +238,11 @@ def _expected_json(ex: Example) -> tuple[dict[str, Any] | None, set[str]]:
         zero["stage"] = int(zero["stage"])
         used.add("C12")
     if (ex.config.tensor_parallel_size or 1) > 1:
-        out.setdefault("tensor_parallel", {})["autotp_size"] = ex.config.tensor_parallel_size
-        out.setdefault("zero_optimization", {})["gather_16bit_weights_on_model_save"] = True
+        out.setdefault("tensor_parallel", {}).setdefault("autotp_size", ex.config.tensor_parallel_size)
+        out.setdefault("zero_optimization", {}).setdefault("gather_16bit_weights_on_model_save", True)
         used.add("C23")
     if ex.config.deepcompile:
-        out.setdefault("compile", {})["deepcompile"] = True
+        out.setdefault("compile", {}).setdefault("deepcompile", True)
         used.add("C23")
     return out, used
 
@@ -227,8 +255,10 @@ def _classify(ex: Example, corpus: Path) -> tuple[set[str], list[str]]:
     theirs_error = line["error"]
     if theirs_error is not None:
         message = theirs_error["message"]
-        if _c28(ex):
-            used.add("C28")  # and Axolotl's own reason is classified below
+        if _c30(ex):
+            used.add("C30")  # and Axolotl's own reason is classified below
+        elif _c28(ex):
+            used.add("C28")
         elif ex.error is not None:
             want = next((f for s, f in SAME_ERROR.items() if s in message), None)
             if want != ex.error.field:
@@ -242,6 +272,8 @@ def _classify(ex: Example, corpus: Path) -> tuple[set[str], list[str]]:
             unexplained.append(f"Axolotl rejects it, we plan it: {message}")
         return used, unexplained
     if ex.error is not None:
+        if _c30(ex):
+            return {"C30"}, []
         if _c28(ex) and line["env"].get("ACCELERATE_USE_PARALLELISM_CONFIG") == "true":
             return {"C28"}, []
         return used, [f"we reject what Axolotl accepts: {ex.error}"]
@@ -315,12 +347,23 @@ def test_known_differences(corpus: Path, examples: dict[str, Example]) -> None:
     for ex in examples.values():
         for rid in _classify(ex, corpus)[0]:
             used[rid] = used.get(rid, 0) + 1
-    assert set(used) == {"C1", "C2", "C11", "C18", "C28"}, used
+    assert set(used) == {"C1", "C2", "C11", "C18", "C29", "C30"}, used
     assert used["C18"] == 1  # the fractional warmup_steps of the expert-parallel example
-    # Both ALST examples (CP 8), qwen3-8b-fsdp-tp-cp (2x2x2) and the expert-parallel one (EP 2 x
-    # dp_shard 2) multiply to less than the 16 processes.
-    assert used["C28"] == 4
+    # Both ALST examples (CP 8: dp_shard_size 2 inferred) and qwen3-8b-fsdp-tp-cp (tp 2 x cp 2 x
+    # dp_shard 2: dp_replicate_size 2 inferred) would multiply to less than the 16 processes.
+    assert used["C29"] == 3
+    # EP 2 x dp_shard 2 (qwen3-30b) and pure EP 8 (glm-5.2) on 16 processes.
+    assert used["C30"] == 2
     planned_ds = [
         ex for ex in examples.values() if ex.line["deepspeed"] is not None and ex.result is not None
     ]
-    assert used["C11"] == len(planned_ds) == 8
+    assert used["C11"] == len(planned_ds) == 9  # with the DeepSpeed ALST example (C29)
+
+
+def test_no_corpus_key_is_a_near_miss_or_an_accelerate_file(examples: dict[str, Example]) -> None:
+    """C31: Axolotl's own keys never warn as misspellings; C32: its configs read as Axolotl's format."""
+    for path, ex in examples.items():
+        if ex.config is None:
+            continue
+        assert ex.config.near_misses == (), path
+        assert ex.config.launch is None, path

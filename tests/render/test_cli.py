@@ -76,7 +76,8 @@ def test_bf16_supported_feeds_the_plan(capsys: pytest.CaptureFixture[str], valid
     for listed in (unknown, known):
         validator.validate_all(json.loads(listed)["items"])
     assert "ACCELERATE_MIXED_PRECISION" not in json.loads(unknown)["items"][0]["data"]
-    assert json.loads(known)["items"][0]["data"]["ACCELERATE_MIXED_PRECISION"] == "no"
+    # GPUs without bf16: Axolotl trains bf16: auto in fp16 there (docs/compatibility.md C14).
+    assert json.loads(known)["items"][0]["data"]["ACCELERATE_MIXED_PRECISION"] == "fp16"
 
 
 def test_rayjob_takes_ray_num_workers_from_the_config(
@@ -108,7 +109,8 @@ def test_rayjob_takes_ray_num_workers_from_the_config(
 
 
 def test_rayjob_plans_for_its_ray_workers(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """C28: 4 Ray Train workers on 8 GPUs are 4 processes, so dp_shard_size 4 fits the RayJob only."""
+    """C28/C29: 4 Ray Train workers on 8 GPUs are 4 processes, so dp_shard_size 4 is the whole RayJob;
+    the PyTorchJob's 8 processes make it HSDP, with the 2 replicas Axolotl's loader infers."""
     cfg = tmp_path / "ray.yaml"
     cfg.write_text(
         "bf16: true\nuse_ray: true\nray_num_workers: 4\ndp_shard_size: 4\nfsdp_version: 2\n"
@@ -117,9 +119,10 @@ def test_rayjob_plans_for_its_ray_workers(capsys: pytest.CaptureFixture[str], tm
     common = ("--name", "r", "--image", "i", "--nodes", "2", "--gpus-per-node", "4", "--", "python", "t.py")
     code, out, _ = _run(capsys, "render", str(cfg), "--target", "rayjob", *common)
     assert code == 0 and "--workers 4 -- t.py" in out
+    assert "PARALLELISM_CONFIG_DP_REPLICATE_SIZE" not in out
     code, out, err = _run(capsys, "render", str(cfg), "--target", "pytorchjob", *common)
-    assert (code, out) == (1, "")
-    assert "equal the 8 processes" in err and "set dp_shard_size to 8" in err
+    assert code == 0 and "PARALLELISM_CONFIG_DP_REPLICATE_SIZE: '2'" in out
+    assert "dp_replicate_size: not set; 2 inferred from the 8 processes" in err
 
 
 @pytest.mark.parametrize(

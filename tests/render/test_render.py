@@ -292,12 +292,15 @@ def test_gpus_that_do_not_equal_the_parallel_sizes() -> None:
         "fsdp_config": {"reshard_after_forward": True},
     }
     for target in JOBS:
-        # 6 is not a multiple of 4; 8 is, but Accelerate needs exactly 4 processes (C28).
-        for gpus, fix in ((3, 3), (4, 4)):
+        # 6 is not a multiple of 4; 8 is, but Accelerate needs exactly 4 processes (C28), and with both
+        # sizes written Axolotl's loader has nothing to infer (C29).
+        for gpus, says in (
+            (3, "which does not divide the 6 processes"),
+            (4, "but Accelerate needs them to equal the 8"),
+        ):
             with pytest.raises(
                 ConfigError,
-                match=rf"^dp_shard_size: the parallelism sizes multiply to 4, but Accelerate needs them to "
-                rf"equal the {2 * gpus} processes .*\(set dp_shard_size to {fix} so",
+                match=rf"^dp_shard_size: the parallelism sizes multiply to 4, {says} .*\(change the sizes",
             ):
                 compiled(hsdp, target, nodes=2, gpus=gpus)
         compiled(hsdp, target, nodes=2, gpus=2)

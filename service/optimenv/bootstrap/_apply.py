@@ -474,6 +474,8 @@ def _decide(
         var = str(variable or "ACCELERATE_MIXED_PRECISION")
         supported, why = _probe.bf16_supported(environ)
         value = str(detail["if_supported"] if supported else detail["otherwise"])
+        if not supported and "without_gpu" in detail and _probe.cuda_device_count(environ)[0] == 0:
+            value = str(detail["without_gpu"])  # Accelerate refuses fp16 without a GPU
         required = detail.get("deepspeed_requires")
         if required and value != required:
             raise BootstrapError(
@@ -516,6 +518,9 @@ def _decide(
         missing = [w.name for w in wants if w.name not in environ]
         return Decision(kind, None, None, f"one GPU: defaults for {', '.join(missing) or 'nothing'}"), wants
 
+    if kind == "parallel_sizes":
+        return _parallel_sizes(detail, environ, source)
+
     # deepspeed_zero3_config
     if in_process:
         why = (
@@ -527,6 +532,49 @@ def _decide(
             "ACCELERATE_DEEPSPEED_ZERO_STAGE=3 (Accelerate and TrainingArguments build the config there)"
         )
     return Decision(kind, None, None, why), []
+
+
+def _parallel_sizes(
+    detail: Mapping[str, Any], environ: Mapping[str, str], source: str
+) -> tuple[Decision, list[_Want]]:
+    """Axolotl's loader inference and Accelerate's checks for this worker's process count (C29)."""
+    from optimenv import parallel  # only specs with this step pay for the import
+
+    kind = "parallel_sizes"
+    try:
+        written, layout = parallel.step_inputs(detail)
+    except ValueError as exc:
+        raise SpecError(f"spec.deferred: parallel_sizes.detail: {exc}") from None
+    world, how = _world_size(environ)
+    if world is None:
+        return Decision(kind, None, None, f"{how}: the sizes stay as written; Accelerate checks them"), []
+    try:
+        settled = parallel.settle(written, world, layout, how)
+    except OptimEnvError as exc:
+        raise BootstrapError(str(exc)) from None
+    wants = [
+        _Want(parallel.VARIABLES[axis], str(size), f"{layout.names[axis]} (inferred)", "set")
+        for axis, size in settled.inferred.items()
+    ]
+    shown = ", ".join(f"{w.name}={w.value}" for w in wants) or "nothing to infer"
+    return Decision(kind, None, None, f"{how}: {shown}"), wants
+
+
+def _world_size(environ: Mapping[str, str]) -> tuple[int | None, str]:
+    """The job's process count as the launcher or operator states it, and how that was found out.
+
+    ``PET_NNODES`` x ``PET_NPROC_PER_NODE`` (the Kubeflow operators, read by torchrun) comes first:
+    in a pod's entrypoint ``WORLD_SIZE`` may count nodes, not processes.
+    """
+    nodes, per_node = environ.get("PET_NNODES", ""), environ.get("PET_NPROC_PER_NODE", "")
+    if nodes.isdigit() and per_node.isdigit() and int(nodes) * int(per_node) > 0:
+        return int(nodes) * int(
+            per_node
+        ), f"{nodes} node(s) x {per_node} processes (PET_NNODES, PET_NPROC_PER_NODE)"
+    world = environ.get("WORLD_SIZE", "")
+    if world.isdigit() and int(world) > 0:
+        return int(world), f"WORLD_SIZE={world}"
+    return None, "the process count is unknown here (no WORLD_SIZE, PET_NNODES x PET_NPROC_PER_NODE)"
 
 
 def _zero3_config(path: str) -> object:

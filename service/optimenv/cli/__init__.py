@@ -18,6 +18,8 @@ import click
 import yaml
 
 from optimenv.cli._common import (
+    config_topology,
+    format_option,
     hardware_from,
     hardware_options,
     read_config,
@@ -25,11 +27,13 @@ from optimenv.cli._common import (
     topology_from,
     topology_options,
 )
-from optimenv.errors import OptimEnvError
+from optimenv.errors import ConfigError, OptimEnvError
 from optimenv.plan import Plan, plan
 
 __all__ = [
     "cli",
+    "config_topology",
+    "format_option",
     "hardware_from",
     "hardware_options",
     "main",
@@ -165,7 +169,9 @@ def _needs_extra(name: str, extra: str, missing: list[str]) -> click.Command:
 
 
 def plan_from_args(config: str, kwargs: dict[str, Any]) -> Plan:
-    return plan(read_config(config), hardware_from(kwargs), deepspeed_path=kwargs["deepspeed_path"])
+    cfg = read_config(config)
+    kwargs.update(config_topology(cfg, kwargs))  # an accelerate config file's num_processes
+    return plan(cfg, hardware_from(kwargs), deepspeed_path=kwargs["deepspeed_path"])
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -180,10 +186,22 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("config")
-def validate(config: str) -> None:
+@format_option
+@click.option(
+    "--strict", is_flag=True, help="Refuse keys that look like misspellings of keys optimenv reads."
+)
+def validate(config: str, strict: bool) -> None:
     """Check CONFIG (a path or - for stdin); exit 0 if valid, 1 with the field path if not."""
+    cfg = read_config(config)
+    misses = cfg.near_misses
+    if strict and misses:
+        (key, close), more = misses[0], len(misses) - 1
+        also = f"; and {', '.join(k for k, _ in misses[1:])}" if more else ""
+        raise ConfigError(key, f"not a key optimenv reads{also}", f"did you mean {close!r}? (--strict)")
     # Planning for unknown hardware finds the contradictions that no hardware can resolve.
-    plan(read_config(config))
+    result = plan(cfg, hardware_from(config_topology(cfg, {})))
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"{config}: valid", err=True)
 
 

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
-from optimenv.config import MAX_CONFIG_BYTES, TrainingConfig, load_config
+from optimenv.config import FORMATS, MAX_CONFIG_BYTES, ConfigFormat, TrainingConfig, load_config, reading_as
 from optimenv.errors import ConfigError
 from optimenv.limits import read_stream
 from optimenv.plan import DEFAULT_DEEPSPEED_PATH, Hardware
@@ -19,9 +19,26 @@ from optimenv.workload import Topology, parse_model
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _remember_format(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    ctx.meta[_FORMAT_KEY] = value
+
+
+_FORMAT_KEY = "optimenv.config_format"
+#: ``--format``: read CONFIG as an Axolotl config or an ``accelerate config`` file. Kept in the click
+#: context (not passed on), so every command that reads CONFIG through :func:`read_config` has it.
+format_option = click.option(
+    "--format",
+    type=click.Choice(FORMATS),
+    expose_value=False,
+    callback=_remember_format,
+    help="What CONFIG is: an Axolotl config or an `accelerate config` file [default: told by its keys].",
+)
+
+
 def topology_options(func: F) -> F:
     """``--nodes``, ``--gpus-per-node``, ``--bf16-supported`` … shared by plan, render and spec."""
     options = [
+        format_option,
         click.option("--nodes", type=click.IntRange(min=1), help="Number of nodes (unknown: leave out)."),
         click.option("--gpus-per-node", type=click.IntRange(min=1), help="GPUs (processes) per node."),
         click.option(
@@ -92,8 +109,27 @@ def hardware_from(kwargs: dict[str, Any]) -> Hardware:
     return topology_from(kwargs).hardware()
 
 
+def config_topology(cfg: TrainingConfig, kwargs: dict[str, Any]) -> dict[str, int]:
+    """The sizes an ``accelerate config`` file's ``num_machines`` / ``num_processes`` give for the
+    options left out (``{}`` when it names none). An option that disagrees with the file is kept:
+    the planner refuses the pair, with the same words for every front end."""
+    launch = cfg.launch
+    if launch is None or launch.processes is None:
+        return {}
+    want = {"nodes": launch.machines, "gpus_per_node": launch.processes // launch.machines}
+    return {key: value for key, value in want.items() if kwargs.get(key) is None}
+
+
 def read_config(source: str) -> TrainingConfig:
-    """CONFIG argument: a path (a regular file), or ``-`` for standard input; both bounded."""
+    """CONFIG argument: a path (a regular file), or ``-`` for standard input, both bounded, in the
+    ``--format`` given (if any)."""
+    ctx = click.get_current_context(silent=True)
+    fmt: ConfigFormat | None = ctx.meta.get(_FORMAT_KEY) if ctx is not None else None
+    with reading_as(fmt):
+        return _read_config(source)
+
+
+def _read_config(source: str) -> TrainingConfig:
     if source == "-":
         # Bytes, bounded: a text read would pass undecodable bytes on as surrogates.
         if sys.stdin is None:  # started with standard input closed

@@ -6,7 +6,13 @@ from typing import Any
 
 import click
 
-from optimenv.cli._common import hardware_options, read_config, spec_policy_option, topology_from
+from optimenv.cli._common import (
+    config_topology,
+    hardware_options,
+    read_config,
+    spec_policy_option,
+    topology_from,
+)
 from optimenv.compiler import Job, compile
 from optimenv.config import TrainingConfig
 from optimenv.errors import ConfigError
@@ -86,6 +92,8 @@ def render_command(
             "put it in your pod template after optimenv-bootstrap (docs/targets.md)",
             err=True,
         )
+    cfg = read_config(config)
+    kwargs.update(config_topology(cfg, kwargs))  # an accelerate config file's num_processes
     topology = topology_from(kwargs)
     pod = {
         "service_account": service_account,
@@ -96,7 +104,6 @@ def render_command(
     job: Target | JobSpec = kind
     if kind != "configmaps" and image is not None:
         job = parse_model(JobSpec, {"target": kind, "image": image, "command": list(command), **pod})
-    cfg = read_config(config)
     result = _compile(cfg, topology, job, name, namespace, _pairs("--label", label), spec_policy, kwargs)
     if kind == "rayjob" and cfg.resources_per_worker.get("GPU", 1.0) != 1.0:
         click.echo("warning: resources_per_worker: each Ray Train worker gets one GPU here", err=True)

@@ -14,7 +14,13 @@ from typing import Any
 import click
 
 from optimenv._files import write_atomically
-from optimenv.cli._common import read_config, spec_policy_option, topology_from, topology_options
+from optimenv.cli._common import (
+    config_topology,
+    read_config,
+    spec_policy_option,
+    topology_from,
+    topology_options,
+)
 from optimenv.compiler import compile
 from optimenv.errors import ConfigError
 
@@ -48,8 +54,10 @@ def spec_command(
     """
     folder = out_dir.absolute()
     ds_file = folder / DEEPSPEED_FILE
+    cfg = read_config(config)
+    kwargs.update(config_topology(cfg, kwargs))  # an accelerate config file's num_processes
     job = compile(
-        read_config(config),
+        cfg,
         topology_from(kwargs),
         "configmaps",
         policy=spec_policy,

@@ -9,7 +9,7 @@ from typing import Any
 
 from optimenv.errors import ConfigError, OptimEnvError, shown
 from optimenv.names import DNS1035_LABEL, DNS1123_LABEL
-from optimenv.plan import Plan, check_world_size
+from optimenv.plan import Plan, check_process_count
 from optimenv.render._objects import ConfigMap, ObjectMeta, PodMeta
 from optimenv.spec import SPEC_PATH, WorkerSpec, content_hash, deepspeed_text, set_by_launcher, spec_text
 from optimenv.workload import JobSpec, Launch, Target
@@ -110,8 +110,8 @@ def check_plan_env(plan: Plan) -> None:
 
 
 def check_parallelism(plan: Plan, world: int, what: str) -> None:
-    """The parallel sizes must multiply to the processes the job starts, as for known hardware (C28)."""
-    check_world_size(plan.env_dict, plan.sources, world, what)
+    """The parallel sizes must fit the processes the job starts, as for known hardware (C28, C29)."""
+    check_process_count(plan, world, what)
 
 
 @dataclass(frozen=True)
