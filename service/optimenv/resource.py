@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from optimenv.errors import ConfigError
 from optimenv.plan import DEFAULT_DEEPSPEED_PATH
-from optimenv.workload import JobSpec, Topology, parse_model
+from optimenv.validation import parse_model
+from optimenv.workload import JobSpec, Topology
 
 GROUP = "optimenv.dev"
 VERSION = "v1alpha1"
