@@ -152,7 +152,7 @@ class JobStatus(BaseModel):
 
 
 class OptimEnvStatus(BaseModel):
-    """Observed state, written by the controller through the status subresource."""
+    """Observed state, written by the controller through the status subresource (:meth:`to_patch`)."""
 
     model_config = _STRICT
 
@@ -164,6 +164,28 @@ class OptimEnvStatus(BaseModel):
     )
     plan: PlanSummary | None = Field(None, description="Summary of the last good plan.")
     job: JobStatus | None = Field(None, description="The owned job's phase, when spec.job is set.")
+
+    def to_patch(self) -> dict[str, Any]:
+        """The merge patch that makes the stored status this one: every field, an unset one as null.
+
+        A merge patch merges objects key by key and deletes a key sent as null, so a field left out
+        would keep a stale value (a plan's job target after ``spec.job`` was removed).
+        """
+        return self.model_dump(mode="json")
+
+
+def max_length(model: type[BaseModel], field: str) -> int:
+    """The ``maxLength`` of a string field of ``model``, as the CRD's schema has it."""
+    found: int = next(m.max_length for m in model.model_fields[field].metadata if hasattr(m, "max_length"))
+    return found
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying so: a longer status field fails the whole write."""
+    if len(text) <= limit:
+        return text
+    marker = " … (truncated)"
+    return text[: limit - len(marker)] + marker
 
 
 def parse_spec(data: Mapping[str, Any] | None) -> OptimEnvSpec:
