@@ -94,7 +94,9 @@ def test_job_rules() -> None:
     job = rendered_job("PyTorchJob")
     running = {**job, "status": STEPS["PyTorchJob"][2]["status"]}
     done = {**job, "status": STEPS["PyTorchJob"][5]["status"]}
-    record = JobStatus(kind="PyTorchJob", name="demo", uid="j-1", phase="Pending", reason="", observedGeneration=3)
+    record = JobStatus(
+        kind="PyTorchJob", name="demo", uid="j-1", phase="Pending", reason="", observedGeneration=3
+    )
 
     def as_(phase: str, **update: Any) -> JobStatus:
         return record.model_copy(update={"phase": phase, **update})
