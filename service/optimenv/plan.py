@@ -34,7 +34,7 @@ from optimenv.steps import (
 from optimenv.versions import at_least, parse_version
 
 if TYPE_CHECKING:
-    from optimenv.config import TrainingConfig
+    from optimenv.config import FSDPConfig, TrainingConfig
 
 DEFAULT_DEEPSPEED_PATH = "/etc/optimenv/deepspeed.json"
 #: How the source of a size that Axolotl's loader inferred reads (``dp_shard_size (inferred)``).
@@ -250,44 +250,72 @@ def _fsdp(config: TrainingConfig, b: _Builder) -> int:
     fc = config.fsdp_config
     version = config.effective_fsdp_version
     if fc is None or not fc.model_fields_set:
-        # Legacy list only: Axolotl crashes here (D2); translate it as transformers does.
-        items = set(config.fsdp or ())
-        strategy = next((s.upper() for s in config.fsdp or () if s not in ("offload", "auto_wrap")), None)
-        b.warnings.append(
-            f"fsdp: the legacy list is deprecated; use fsdp_config (translated to FSDP{version} here)"
-        )
-        b.set("ACCELERATE_USE_FSDP", "true", "fsdp")
-        b.set("FSDP_VERSION", str(version), config.fsdp_version_source)
-        if "offload" in items:
-            b.set("FSDP_OFFLOAD_PARAMS", "true", "fsdp")
-        if "auto_wrap" in items:
-            b.set("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP", "fsdp")
-        if strategy and version == 1:
-            b.set("FSDP_SHARDING_STRATEGY", strategy, "fsdp")
-        elif strategy:
-            if strategy not in ("FULL_SHARD", "SHARD_GRAD_OP"):
-                raise ConfigError(
-                    "fsdp",
-                    f"{strategy.lower()} has no FSDP2 equivalent",
-                    "use full_shard or shard_grad_op; for HSDP set dp_replicate_size and dp_shard_size",
-                )
-            # Accelerate's FSDP2 default is to reshard; shard_grad_op must say false.
-            b.set("FSDP_RESHARD_AFTER_FORWARD", str(strategy == "FULL_SHARD").lower(), "fsdp")
+        _fsdp_legacy_list(config, version, b)
         return version
-
-    src = "fsdp_config."
     b.set("ACCELERATE_USE_FSDP", "true", "fsdp_config")
     b.set("FSDP_VERSION", str(version), config.fsdp_version_source)
     if config.fsdp:
         b.warnings.append("fsdp: the legacy list is ignored because fsdp_config is set")
-    flags = (
-        ("FSDP_ACTIVATION_CHECKPOINTING", "activation_checkpointing"),
-        ("FSDP_OFFLOAD_PARAMS", "offload_params"),
-        ("FSDP_SYNC_MODULE_STATES", "sync_module_states"),
-        ("FSDP_CPU_RAM_EFFICIENT_LOADING", "cpu_ram_efficient_loading"),
-        ("FSDP_USE_ORIG_PARAMS", "use_orig_params"),
+    _fsdp_settings(fc, version, b)
+    if version == 2:
+        _fsdp2_sharding(fc, b)
+    else:
+        _fsdp1_sharding(fc, b)
+    if fc.limit_all_gathers is not None:
+        b.warnings.append(
+            "fsdp_config.limit_all_gathers: Accelerate has no variable for it; it only reaches "
+            "TrainingArguments (FSDP1)"
+        )
+    return version
+
+
+def _fsdp_legacy_list(config: TrainingConfig, version: int, b: _Builder) -> None:
+    """The legacy ``fsdp:`` list alone: Axolotl crashes here (D2); translated as transformers does."""
+    items = set(config.fsdp or ())
+    strategy = next((s.upper() for s in config.fsdp or () if s not in ("offload", "auto_wrap")), None)
+    b.warnings.append(
+        f"fsdp: the legacy list is deprecated; use fsdp_config (translated to FSDP{version} here)"
     )
-    for name, key in flags:
+    b.set("ACCELERATE_USE_FSDP", "true", "fsdp")
+    b.set("FSDP_VERSION", str(version), config.fsdp_version_source)
+    if "offload" in items:
+        b.set("FSDP_OFFLOAD_PARAMS", "true", "fsdp")
+    if "auto_wrap" in items:
+        b.set("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP", "fsdp")
+    if strategy and version == 1:
+        b.set("FSDP_SHARDING_STRATEGY", strategy, "fsdp")
+    elif strategy:
+        if strategy not in ("FULL_SHARD", "SHARD_GRAD_OP"):
+            raise ConfigError(
+                "fsdp",
+                f"{strategy.lower()} has no FSDP2 equivalent",
+                "use full_shard or shard_grad_op; for HSDP set dp_replicate_size and dp_shard_size",
+            )
+        # Accelerate's FSDP2 default is to reshard; shard_grad_op must say false.
+        b.set("FSDP_RESHARD_AFTER_FORWARD", str(strategy == "FULL_SHARD").lower(), "fsdp")
+
+
+_FSDP_FLAGS = (
+    ("FSDP_ACTIVATION_CHECKPOINTING", "activation_checkpointing"),
+    ("FSDP_OFFLOAD_PARAMS", "offload_params"),
+    ("FSDP_SYNC_MODULE_STATES", "sync_module_states"),
+    ("FSDP_CPU_RAM_EFFICIENT_LOADING", "cpu_ram_efficient_loading"),
+    ("FSDP_USE_ORIG_PARAMS", "use_orig_params"),
+    # Read by Accelerate, dropped by Axolotl's schema (C2).
+    ("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", "activation_checkpointing_offload"),
+)
+_FSDP_TEXTS = (
+    ("FSDP_AUTO_WRAP_POLICY", "auto_wrap_policy"),
+    ("FSDP_TRANSFORMER_CLS_TO_WRAP", "transformer_layer_cls_to_wrap"),
+    ("FSDP_MIN_NUM_PARAMS", "min_num_params"),
+    ("FSDP_IGNORED_MODULES", "ignored_modules"),
+)
+
+
+def _fsdp_settings(fc: FSDPConfig, version: int, b: _Builder) -> None:
+    """The ``fsdp_config`` keys that mean the same in FSDP1 and FSDP2."""
+    src = "fsdp_config."
+    for name, key in _FSDP_FLAGS:
         if getattr(fc, key):
             b.set(name, "true", src + key)
     if fc.state_dict_type:
@@ -299,63 +327,47 @@ def _fsdp(config: TrainingConfig, b: _Builder) -> int:
             )
         b.set("FSDP_STATE_DICT_TYPE", fc.state_dict_type, src + "state_dict_type")
     if fc.cpu_offload_pin_memory is not None:
-        b.set(
-            "FSDP_CPU_OFFLOAD_PIN_MEMORY",
-            str(fc.cpu_offload_pin_memory).lower(),
-            src + "cpu_offload_pin_memory",
-        )
-    if fc.auto_wrap_policy:
-        b.set("FSDP_AUTO_WRAP_POLICY", fc.auto_wrap_policy, src + "auto_wrap_policy")
-    if fc.transformer_layer_cls_to_wrap:
-        b.set(
-            "FSDP_TRANSFORMER_CLS_TO_WRAP",
-            fc.transformer_layer_cls_to_wrap,
-            src + "transformer_layer_cls_to_wrap",
-        )
-    if fc.min_num_params:
-        b.set("FSDP_MIN_NUM_PARAMS", str(fc.min_num_params), src + "min_num_params")
-    # Read by Accelerate, dropped by Axolotl's schema (C2).
-    if fc.activation_checkpointing_offload:
-        b.set("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", "true", src + "activation_checkpointing_offload")
-    if fc.ignored_modules:
-        b.set("FSDP_IGNORED_MODULES", fc.ignored_modules, src + "ignored_modules")
+        pin = str(fc.cpu_offload_pin_memory).lower()
+        b.set("FSDP_CPU_OFFLOAD_PIN_MEMORY", pin, src + "cpu_offload_pin_memory")
+    for name, key in _FSDP_TEXTS:
+        value = getattr(fc, key)
+        if value:
+            b.set(name, str(value), src + key)
 
-    if version == 2:
-        reshard = fc.reshard_after_forward
-        reshard_src = src + "reshard_after_forward"
-        if reshard is None and fc.sharding_strategy is not None:
-            reshard = fc.sharding_strategy == "FULL_SHARD"
-            reshard_src = src + "sharding_strategy"
-        elif fc.sharding_strategy is not None:
-            b.warnings.append(
-                "fsdp_config.sharding_strategy: an FSDP1 setting; FSDP2 follows reshard_after_forward "
-                "(they agree here), so it can be removed"
-            )
-        if reshard is not None:
-            # Exported when false too: Axolotl drops false and Accelerate's FSDP2 default is true.
-            b.set("FSDP_RESHARD_AFTER_FORWARD", str(reshard).lower(), reshard_src)
-        for key in ("backward_prefetch", "forward_prefetch"):
-            if getattr(fc, key) not in (None, False, "NO_PREFETCH"):
-                b.warnings.append(f"fsdp_config.{key}: FSDP1 only; FSDP2 ignores it")
-    else:
-        strategy = fc.sharding_strategy
-        strategy_src = src + "sharding_strategy"
-        if strategy is None and fc.reshard_after_forward is not None:
-            strategy = "FULL_SHARD" if fc.reshard_after_forward else "SHARD_GRAD_OP"
-            strategy_src = src + "reshard_after_forward"
-        if strategy is not None:
-            b.set("FSDP_SHARDING_STRATEGY", strategy, strategy_src)
-        if fc.backward_prefetch is not None:
-            b.set("FSDP_BACKWARD_PREFETCH", fc.backward_prefetch, src + "backward_prefetch")
-        if fc.forward_prefetch is not None:
-            b.set("FSDP_FORWARD_PREFETCH", str(fc.forward_prefetch).lower(), src + "forward_prefetch")
-        b.warnings.append("fsdp_version: FSDP1 is deprecated; consider fsdp_version: 2")
-    if fc.limit_all_gathers is not None:
+
+def _fsdp2_sharding(fc: FSDPConfig, b: _Builder) -> None:
+    reshard = fc.reshard_after_forward
+    reshard_src = "fsdp_config.reshard_after_forward"
+    if reshard is None and fc.sharding_strategy is not None:
+        reshard = fc.sharding_strategy == "FULL_SHARD"
+        reshard_src = "fsdp_config.sharding_strategy"
+    elif fc.sharding_strategy is not None:
         b.warnings.append(
-            "fsdp_config.limit_all_gathers: Accelerate has no variable for it; it only reaches "
-            "TrainingArguments (FSDP1)"
+            "fsdp_config.sharding_strategy: an FSDP1 setting; FSDP2 follows reshard_after_forward "
+            "(they agree here), so it can be removed"
         )
-    return version
+    if reshard is not None:
+        # Exported when false too: Axolotl drops false and Accelerate's FSDP2 default is true.
+        b.set("FSDP_RESHARD_AFTER_FORWARD", str(reshard).lower(), reshard_src)
+    for key in ("backward_prefetch", "forward_prefetch"):
+        if getattr(fc, key) not in (None, False, "NO_PREFETCH"):
+            b.warnings.append(f"fsdp_config.{key}: FSDP1 only; FSDP2 ignores it")
+
+
+def _fsdp1_sharding(fc: FSDPConfig, b: _Builder) -> None:
+    src = "fsdp_config."
+    strategy = fc.sharding_strategy
+    strategy_src = src + "sharding_strategy"
+    if strategy is None and fc.reshard_after_forward is not None:
+        strategy = "FULL_SHARD" if fc.reshard_after_forward else "SHARD_GRAD_OP"
+        strategy_src = src + "reshard_after_forward"
+    if strategy is not None:
+        b.set("FSDP_SHARDING_STRATEGY", strategy, strategy_src)
+    if fc.backward_prefetch is not None:
+        b.set("FSDP_BACKWARD_PREFETCH", fc.backward_prefetch, src + "backward_prefetch")
+    if fc.forward_prefetch is not None:
+        b.set("FSDP_FORWARD_PREFETCH", str(fc.forward_prefetch).lower(), src + "forward_prefetch")
+    b.warnings.append("fsdp_version: FSDP1 is deprecated; consider fsdp_version: 2")
 
 
 def _deepspeed(

@@ -152,7 +152,7 @@ class JobStatus(BaseModel):
 
 
 class OptimEnvStatus(BaseModel):
-    """Observed state, written by the controller through the status subresource (:meth:`to_patch`)."""
+    """Observed state, written by the controller through the status subresource."""
 
     model_config = _STRICT
 
@@ -169,9 +169,16 @@ class OptimEnvStatus(BaseModel):
         """The merge patch that makes the stored status this one: every field, an unset one as null.
 
         A merge patch merges objects key by key and deletes a key sent as null, so a field left out
-        would keep a stale value (a plan's job target after ``spec.job`` was removed).
+        would keep a stale value (a plan's job target after ``spec.job`` was removed). A list is
+        stored as sent, nulls included, so the conditions leave their unset fields out.
         """
-        return self.model_dump(mode="json")
+        patch = self.model_dump(mode="json")
+        patch["conditions"] = [c.model_dump(mode="json", exclude_none=True) for c in self.conditions]
+        return patch
+
+    def stored(self) -> dict[str, Any]:
+        """The status as the API server keeps it after :meth:`to_patch` (no null anywhere)."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 def max_length(model: type[BaseModel], field: str) -> int:

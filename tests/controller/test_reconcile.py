@@ -26,7 +26,7 @@ def _obj(**spec: Any) -> dict[str, Any]:
 
 def _stored(status: Any) -> dict[str, Any]:
     """``status`` as the API server keeps it after the controller's merge patch (nulls deleted)."""
-    stored: dict[str, Any] = status.model_dump(mode="json", exclude_none=True)
+    stored: dict[str, Any] = status.stored()
     return stored
 
 

@@ -104,7 +104,9 @@ def _controller(config: Any, target: Target, nodes: int, gpus: int) -> tuple[Out
         assert want.reason == "InvalidConfig"
         # The controller names a config key where the object has it: under spec.config.
         return Outcome(error=want.message.replace("spec.config.", "", 1)), {}
-    return Outcome(objects=[_unowned(child) for child in want.children]), want.summary
+    return Outcome(objects=[_unowned(child) for child in want.children]), want.summary.model_dump(
+        exclude_none=True
+    )
 
 
 def _unowned(child: dict[str, Any]) -> dict[str, Any]:
