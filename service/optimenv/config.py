@@ -544,11 +544,7 @@ DYNAMO_BACKENDS = (
 
 def _check_rules(cfg: TrainingConfig) -> None:
     """Axolotl's validators for the fields we own, plus the contradictions that train wrongly."""
-    fc = cfg.fsdp_config
-    fsdp_on = cfg.fsdp_enabled
-    version = cfg.effective_fsdp_version
-    optimizer = cfg.extra("optimizer")
-
+    fc, fsdp_on, version = cfg.fsdp_config, cfg.fsdp_enabled, cfg.effective_fsdp_version
     if cfg.deepspeed is not None and cfg.fsdp:
         raise ConfigError("deepspeed", "deepspeed and fsdp cannot be used together", "remove one of them")
     if cfg.deepspeed is not None and fsdp_on:
@@ -558,6 +554,17 @@ def _check_rules(cfg: TrainingConfig) -> None:
             "remove fsdp_config or deepspeed",
         )
     _check_batch_sizes(cfg)
+    _check_fsdp_rules(cfg)
+    _check_method_rules(cfg)
+    if fc is not None and fsdp_on:
+        _check_sharding(fc, version)
+    _check_compile_and_offload(cfg, version)
+
+
+def _check_fsdp_rules(cfg: TrainingConfig) -> None:
+    """Axolotl's refusals of FSDP settings with optimizers, quantisation and fp8."""
+    fc, fsdp_on, version = cfg.fsdp_config, cfg.fsdp_enabled, cfg.effective_fsdp_version
+    optimizer = cfg.extra("optimizer")
     if fc is not None and fc.cpu_offload_pin_memory is False and not (version == 2 and fc.offload_params):
         raise ConfigError(
             "fsdp_config.cpu_offload_pin_memory",
@@ -594,6 +601,12 @@ def _check_rules(cfg: TrainingConfig) -> None:
         )
     if cfg.fp8_enable_fsdp_float8_all_gather and not (fsdp_on and version == 2):
         raise ConfigError("fp8_enable_fsdp_float8_all_gather", "needs FSDP2 (fsdp_version: 2)")
+
+
+def _check_method_rules(cfg: TrainingConfig) -> None:
+    """Axolotl's refusals of training methods (ReLoRA, muon, RL, TP, CP) with the distributed setup."""
+    fc, fsdp_on, version = cfg.fsdp_config, cfg.fsdp_enabled, cfg.effective_fsdp_version
+    optimizer = cfg.extra("optimizer")
     if cfg.deepcompile and cfg.deepspeed is None:
         raise ConfigError("deepcompile", "needs deepspeed")
     relora = next((k for k in ("relora", "relora_steps") if cfg.extra(k)), None)
@@ -627,9 +640,6 @@ def _check_rules(cfg: TrainingConfig) -> None:
             "micro_batch_size",
             "must be 1 with context_parallel_size > 1 and sample_packing",
         )
-    if fc is not None and fsdp_on:
-        _check_sharding(fc, version)
-    _check_compile_and_offload(cfg, version)
 
 
 def _check_batch_sizes(cfg: TrainingConfig) -> None:

@@ -11,7 +11,6 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import click
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -345,12 +344,6 @@ def crd_manifest() -> dict[str, Any]:
 def crd_yaml() -> str:
     """The CRD as the YAML committed under ``manifests/crds/`` (deterministic bytes)."""
     return yaml.safe_dump(crd_manifest(), sort_keys=False, width=110, allow_unicode=True)
-
-
-@click.command(name="crd")
-def crd_command() -> None:
-    """Print the OptimEnv CustomResourceDefinition as YAML (kubectl apply --server-side -f -)."""
-    click.echo(crd_yaml(), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover
