@@ -292,7 +292,7 @@ class Controller:
         # Status from the children as they are now (the writes' answers): a new job's uid and phase.
         outcome = rc.decide(obj, want, observed, now, failure)
         if outcome.status is not None:
-            self.optimenvs.put(await self.kube.patch_status(namespace, name, outcome.status))
+            self.optimenvs.put(await self.kube.patch_status(namespace, name, outcome.status.to_patch()))
         # Only after the writes they report succeeded: a retried reconcile does not repeat them.
         said = [e for e in outcome.events if e.reason not in ("Created", "Updated")]
         for event in (*rc.apply_events(obj, written), *said):

@@ -38,12 +38,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from optimenv.resource import JobStatus, clip, max_length
+
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Stopped"]
 #: Finished: never written to, never re-created.
 FINISHED: frozenset[str] = frozenset({"Succeeded", "Failed"})
 #: Not running any more: an existing job in one of these phases is left as it is.
 TERMINAL: frozenset[str] = FINISHED | {"Stopped"}
 JOB_DELETED = "JobDeleted"
+#: The CRD's limits on the entry's text (an operator's message can be long, and would fail the write).
+JOB_MESSAGE_MAX = max_length(JobStatus, "message")
+JOB_REASON_MAX = max_length(JobStatus, "reason")
 
 
 @dataclass(frozen=True)
@@ -171,7 +176,7 @@ _MAPPERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], JobState]] 
 Action = Literal["create", "apply", "leave"]
 
 
-def job_action(record: Mapping[str, Any] | None, have: Mapping[str, Any] | None, generation: int) -> Action:
+def job_action(record: JobStatus | None, have: Mapping[str, Any] | None, generation: int) -> Action:
     """What the controller may do with its job: ``record`` is ``status.job`` for this very job.
 
     A finished job is never re-created; one deleted before it finished is re-created only for a
@@ -179,63 +184,54 @@ def job_action(record: Mapping[str, Any] | None, have: Mapping[str, Any] | None,
     """
     if have is not None:
         return "leave" if job_state(have).phase in TERMINAL else "apply"
-    if record is None or not record.get("uid"):
+    if record is None or not record.uid:
         return "create"  # never seen: first run, or a create that never landed
-    if record.get("phase") in FINISHED:
+    if record.phase in FINISHED:
         return "leave"
-    seen = record.get("observedGeneration")
-    return "create" if isinstance(seen, int) and generation > seen else "leave"
+    seen = record.observedGeneration
+    return "create" if seen is not None and generation > seen else "leave"
 
 
-def job_record(
-    job: Mapping[str, Any] | None,
-    old: Mapping[str, Any] | None,
-    generation: int,
-) -> dict[str, Any] | None:
+def job_record(job: Mapping[str, Any] | None, old: JobStatus | None, generation: int) -> JobStatus | None:
     """The ``status.job`` entry after a reconcile: ``job`` as observed (None: absent), ``old`` before.
 
     ``old`` must describe the same job kind and name (else pass None).
     """
     if job is not None:
         state = job_state(job)
-        return {
-            "kind": job["kind"],
-            "name": job["metadata"]["name"],
-            "uid": job["metadata"].get("uid"),
-            "phase": state.phase,
-            "reason": state.reason,
-            "message": state.message,
-            "startTime": state.start_time,
-            "completionTime": state.completion_time,
-            "observedGeneration": generation,
-        }
-    if old is None or not old.get("uid"):
+        return JobStatus(
+            kind=job["kind"],
+            name=job["metadata"]["name"],
+            uid=job["metadata"].get("uid"),
+            phase=state.phase,
+            reason=clip(state.reason, JOB_REASON_MAX),
+            message=clip(state.message, JOB_MESSAGE_MAX),
+            startTime=state.start_time,
+            completionTime=state.completion_time,
+            observedGeneration=generation,
+        )
+    if old is None or not old.uid:
         return None  # nothing was ever there
-    if old.get("phase") in FINISHED or old.get("reason") == JOB_DELETED:
-        return dict(old)  # the record stays as it was (gone after it finished, or already stopped)
-    return {
-        **old,
-        "phase": "Stopped",
-        "reason": JOB_DELETED,
-        "message": f"{old['kind']} {old['name']} was deleted while {old.get('phase')}; change the "
-        "OptimEnv's spec (a new generation) to start it again",
-        "observedGeneration": generation,
-    }
+    if old.phase in FINISHED or old.reason == JOB_DELETED:
+        return old  # the record stays as it was (gone after it finished, or already stopped)
+    message = (
+        f"{old.kind} {old.name} was deleted while {old.phase}; change the OptimEnv's spec (a new "
+        "generation) to start it again"
+    )
+    stopped = {"phase": "Stopped", "reason": JOB_DELETED, "message": message}
+    return old.model_copy(update={**stopped, "observedGeneration": generation})
 
 
 EventType = Literal["Normal", "Warning"]
 
 
-def transition(
-    old: Mapping[str, Any] | None, new: Mapping[str, Any] | None
-) -> tuple[EventType, str, str] | None:
+def transition(old: JobStatus | None, new: JobStatus | None) -> tuple[EventType, str, str] | None:
     """The Event (type, reason, message) for a phase change of the job, or None."""
     if new is None:
         return None
-    if old is not None and (old.get("uid"), old.get("phase")) == (new.get("uid"), new.get("phase")):
+    if old is not None and (old.uid, old.phase) == (new.uid, new.phase):
         return None
-    phase, reason = str(new["phase"]), str(new.get("reason") or "")
-    event_reason = JOB_DELETED if reason == JOB_DELETED else f"Job{phase}"
-    kind: EventType = "Warning" if phase in ("Failed", "Stopped") else "Normal"
-    detail = f": {new['message']}" if new.get("message") else ""
-    return kind, event_reason, f"{new['kind']} {new['name']} is {phase} ({reason}){detail}"
+    event_reason = JOB_DELETED if new.reason == JOB_DELETED else f"Job{new.phase}"
+    kind: EventType = "Warning" if new.phase in ("Failed", "Stopped") else "Normal"
+    detail = f": {new.message}" if new.message else ""
+    return kind, event_reason, f"{new.kind} {new.name} is {new.phase} ({new.reason}){detail}"

@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from optimenv.compiler import compile
 from optimenv.config import TrainingConfig, parse_config, parse_yaml
@@ -19,7 +21,19 @@ from optimenv.deepspeed import PRESETS
 from optimenv.errors import ConfigError, OptimEnvError, shown
 from optimenv.limits import check_data
 from optimenv.render import CONTENT_HASH_ANNOTATION
-from optimenv.resource import API_VERSION, KIND, Condition, JobStatus, OptimEnvSpec, parse_spec
+from optimenv.resource import (
+    API_VERSION,
+    KIND,
+    Condition,
+    ConditionStatus,
+    JobStatus,
+    OptimEnvSpec,
+    OptimEnvStatus,
+    PlanSummary,
+    clip,
+    max_length,
+    parse_spec,
+)
 from optimenv.spec import content_hash
 from optimenv.workload import JOB_KINDS as JOB_TARGET_KINDS
 from optimenv_controller import lifecycle
@@ -28,13 +42,9 @@ FIELD_MANAGER = "optimenv"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 NAME_LABEL = "optimenv.dev/name"
 #: The CRD's maxLength of a condition message (a longer one would make the whole status write fail).
-MESSAGE_MAX = next(
-    m.max_length for m in Condition.model_fields["message"].metadata if hasattr(m, "max_length")
-)
+MESSAGE_MAX = max_length(Condition, "message")
 #: The same for the job's message in status.job.
-JOB_MESSAGE_MAX = next(
-    m.max_length for m in JobStatus.model_fields["message"].metadata if hasattr(m, "max_length")
-)
+JOB_MESSAGE_MAX = lifecycle.JOB_MESSAGE_MAX
 
 #: An Event's message limit (the API server's); longer ones are cut.
 EVENT_MAX = 1024
@@ -66,7 +76,7 @@ class Desired:
     """What a valid OptimEnv should own."""
 
     children: tuple[dict[str, Any], ...]
-    summary: dict[str, Any]
+    summary: PlanSummary
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,7 @@ class Event:
 @dataclass(frozen=True)
 class Outcome:
     applies: tuple[Apply, ...] = ()
-    status: dict[str, Any] | None = None  # None: the observed status is already right
+    status: OptimEnvStatus | None = None  # None: the observed status is already right
     events: tuple[Event, ...] = ()
     conflict: str | None = None
 
@@ -214,15 +224,13 @@ def _render(obj: Mapping[str, Any], spec: OptimEnvSpec, config: TrainingConfig, 
             # Jobs get defaulted by the API server and webhooks: compare our hash, not their spec.
             annotations[CONTENT_HASH_ANNOTATION] = content_hash(body)
         body["metadata"]["ownerReferences"] = [owner]
-    summary = {
-        "target": job.target if spec.job else None,
-        "envConfigMap": job.env_configmap,
-        "specConfigMap": job.spec_configmap,
-        "deepspeedConfigMap": job.deepspeed_configmap,
-        "hash": job.hash,
-    }
-    # A merge patch drops null keys: leave them out, or the stored status never compares equal.
-    summary = {k: v for k, v in summary.items() if v is not None}
+    summary = PlanSummary(
+        target=job.target if spec.job else None,
+        envConfigMap=job.env_configmap,
+        specConfigMap=job.spec_configmap,
+        deepspeedConfigMap=job.deepspeed_configmap,
+        hash=job.hash,
+    )
     return Desired(children=tuple(children), summary=summary)
 
 
@@ -255,13 +263,13 @@ def as_applied(observed: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
 
 def job_status_changed(obj: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
     """Whether ``job`` as observed would change ``obj``'s ``status.job`` (a transition to report)."""
-    old = job_status_of(obj.get("status") or {}, job)
-    new = _clip_record(lifecycle.job_record(job, old, obj["metadata"].get("generation") or 0))
+    old = job_status_of(observed_status(obj), job)
+    new = lifecycle.job_record(job, old, obj["metadata"].get("generation") or 0)
 
-    def same(record: Mapping[str, Any] | None) -> Any:
-        return {k: v for k, v in (record or {}).items() if v is not None and k != "observedGeneration"}
+    def same(record: JobStatus | None) -> JobStatus | None:
+        return record.model_copy(update={"observedGeneration": None}) if record is not None else None
 
-    return bool(same(old) != same(new))
+    return same(old) != same(new)
 
 
 def child_intact(child: Mapping[str, Any]) -> bool:
@@ -317,13 +325,51 @@ def job_child(want: Desired) -> dict[str, Any] | None:
     return next((c for c in want.children if c["kind"] != "ConfigMap"), None)
 
 
-def job_status_of(status: Mapping[str, Any], job: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def job_status_of(status: OptimEnvStatus, job: Mapping[str, Any] | None) -> JobStatus | None:
     """``status.job`` if it describes ``job`` (same kind and name), else None."""
-    record = status.get("job")
-    if job is None or not isinstance(record, Mapping):
+    record = status.job
+    if job is None or record is None:
         return None
-    same = (record.get("kind"), record.get("name")) == (job["kind"], job["metadata"]["name"])
-    return dict(record) if same else None
+    return record if (record.kind, record.name) == (job["kind"], job["metadata"]["name"]) else None
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def _read(model: type[Model], value: Any) -> Model | None:
+    try:
+        return model.model_validate(value)
+    except ValidationError:
+        return None
+
+
+def observed_status(obj: Mapping[str, Any]) -> OptimEnvStatus:
+    """``obj``'s stored status as its model; a part that does not read as one (edited by hand, an
+    older shape) is taken as absent, so the next status write replaces it."""
+    raw = obj.get("status")
+    raw = raw if isinstance(raw, Mapping) else {}
+    generation = raw.get("observedGeneration")
+    listed = raw.get("conditions")
+    conditions = [_read(Condition, c) for c in listed] if isinstance(listed, list) else []
+    return OptimEnvStatus(
+        observedGeneration=generation if type(generation) is int and generation >= 0 else None,
+        conditions=[c for c in conditions if c is not None],
+        plan=_read(PlanSummary, raw.get("plan")),
+        job=_read(JobStatus, raw.get("job")),
+    )
+
+
+class _Said(NamedTuple):
+    """What a condition says: its status, reason and message (clipped to the CRD's maxLength, as
+    stored, so that it compares with what is stored)."""
+
+    status: ConditionStatus
+    reason: str
+    message: str
+
+
+def _said(status: ConditionStatus, reason: str, message: str) -> _Said:
+    return _Said(status, reason, clip(message, MESSAGE_MAX))
 
 
 def decide(
@@ -340,58 +386,53 @@ def decide(
     ConfigMaps are written before the job. The job follows :mod:`lifecycle`'s rules: a finished job
     is never written or re-created, one deleted before it finished waits for a new generation.
     """
-    old_status = obj.get("status") or {}
+    old = observed_status(obj)
     generation = obj["metadata"].get("generation")
-    summary = old_status.get("plan")
-    record = old_status.get("job")
     applies: list[Apply] = []
     conflict: str | None = None
-
+    summary, record = old.plan, old.job
     if isinstance(want, Invalid):
-        valid = ("False", want.reason, want.message)
+        valid = _said("False", want.reason, want.message)
         kept = "keeping the last good children: " if summary else "nothing applied: "
-        ready = ("False", want.reason, kept + want.message)
+        ready = _said("False", want.reason, kept + want.message)
     else:
-        valid = ("True", "Planned", "the config plans cleanly")
         summary = want.summary
-        applies, conflict, record, note = _writes(obj, want, observed, failure)
-        if conflict is not None:
-            ready = ("False", "NameConflict", conflict + "; rename or delete it (the controller never will)")
-        elif failure is not None:
-            ready = ("False", failure.reason, failure.message)
-        else:
-            ready = ("True", "Applied", note)
-
-    # Clipped to the CRD's maxLength before comparing with the stored (clipped) messages.
-    ready, valid = (ready[0], ready[1], _clip(ready[2])), (valid[0], valid[1], _clip(valid[2]))
+        applies, conflict, record, note = _writes(obj, old, want, observed, failure)
+        valid = _said("True", "Planned", "the config plans cleanly")
+        ready = _ready(conflict, failure, note)
     conditions = [
-        _condition(old_status, "Ready", ready, generation, now),
-        _condition(old_status, "Valid", valid, generation, now),
+        _condition(old, "Ready", ready, generation, now),
+        _condition(old, "Valid", valid, generation, now),
     ]
-    status: dict[str, Any] = {
-        "observedGeneration": generation,
-        "conditions": conditions,
-        "plan": summary,
-        "job": _clip_record(record),
-    }
-    events = [*apply_events(obj, applies), *_warnings(old_status, valid, ready, conflict, failure)]
-    moved = lifecycle.transition(old_status.get("job"), status["job"])
+    status = OptimEnvStatus(observedGeneration=generation, conditions=conditions, plan=summary, job=record)
+    events = [*apply_events(obj, applies), *_warnings(old, valid, ready, conflict, failure)]
+    moved = lifecycle.transition(old.job, status.job)
     if moved is not None:
-        events.append(Event(moved[0], moved[1], _clip(moved[2], EVENT_MAX)))
-    changed = _comparable(status) != _comparable(old_status)
+        events.append(Event(moved[0], moved[1], clip(moved[2], EVENT_MAX)))
+    changed = _comparable(status) != _comparable(old)
     return Outcome(tuple(applies), status if changed else None, tuple(events), conflict)
+
+
+def _ready(conflict: str | None, failure: Failure | None, note: str) -> _Said:
+    """Ready for a valid config: a name conflict blocks every write, so it is said first."""
+    if conflict is not None:
+        return _said("False", "NameConflict", conflict + "; rename or delete it (the controller never will)")
+    if failure is not None:
+        return _said("False", failure.reason, failure.message)
+    return _said("True", "Applied", note)
 
 
 def _writes(
     obj: Mapping[str, Any],
+    old: OptimEnvStatus,
     want: Desired,
     observed: Mapping[ChildKey, Mapping[str, Any] | None],
     failure: Failure | None,
-) -> tuple[list[Apply], str | None, dict[str, Any] | None, str]:
+) -> tuple[list[Apply], str | None, JobStatus | None, str]:
     """The children to write, a name conflict, the job's status entry and Ready's message."""
     generation = obj["metadata"].get("generation") or 0
     job = job_child(want)
-    old_record = job_status_of(obj.get("status") or {}, job)
+    old_record = job_status_of(old, job)
     refused = failure.children if failure is not None else frozenset()
     applies: list[Apply] = []
     left: str | None = None
@@ -402,7 +443,7 @@ def _writes(
             continue
         if have is not None and not owned_by(have, obj):
             what = f"{body['kind']} {body['metadata']['name']!r} exists and is not owned by this OptimEnv"
-            return [], what, _record(job, None, obj, refused), ""
+            return [], what, _record(job, None, obj, old, refused), ""
         action = lifecycle.job_action(old_record, have, generation) if body is job else None
         if action == "leave":
             left = "left as it is" if have is not None else "not re-created"
@@ -412,10 +453,10 @@ def _writes(
             applies.append(Apply(body, force=True, verb="Updated"))
     # The job goes last: it mounts the ConfigMaps, and a refused job must not hold them back.
     applies.sort(key=lambda a: a.body["kind"] != "ConfigMap")
-    record = _record(job, observed.get(child_key(job)) if job else None, obj, refused)
+    record = _record(job, observed.get(child_key(job)) if job else None, obj, old, refused)
     note = f"{len(want.children) - (left == 'not re-created')} children in sync"
     if left is not None and record is not None:
-        note += f"; {record['kind']} {record['name']} is {record['phase']} ({record['reason']}): {left}"
+        note += f"; {record.kind} {record.name} is {record.phase} ({record.reason}): {left}"
     return applies, None, record, note
 
 
@@ -423,10 +464,10 @@ def _record(
     job: Mapping[str, Any] | None,
     have: Mapping[str, Any] | None,
     obj: Mapping[str, Any],
+    old_status: OptimEnvStatus,
     refused: frozenset[ChildKey],
-) -> dict[str, Any] | None:
+) -> JobStatus | None:
     """``status.job`` for the wanted ``job`` as observed (``have``); kept as it was if unreadable."""
-    old_status = obj.get("status") or {}
     if job is None:
         return None
     old = job_status_of(old_status, job)
@@ -438,28 +479,24 @@ def _record(
 
 
 def _warnings(
-    old_status: Mapping[str, Any],
-    valid: tuple[str, str, str],
-    ready: tuple[str, str, str],
-    conflict: str | None,
-    failure: Failure | None,
+    old: OptimEnvStatus, valid: _Said, ready: _Said, conflict: str | None, failure: Failure | None
 ) -> list[Event]:
     """Warning Events for what newly went wrong (each distinct message once)."""
     events: list[Event] = []
-    old_valid = _find(old_status, "Valid")
-    if valid[0] == "False" and (
-        old_valid is None or (old_valid.get("status"), old_valid.get("message")) != (valid[0], valid[2])
+    old_valid = _find(old, "Valid")
+    if valid.status == "False" and (
+        old_valid is None or (old_valid.status, old_valid.message) != (valid.status, valid.message)
     ):
-        events.append(Event("Warning", "Invalid", valid[2]))
-    old_ready = _find(old_status, "Ready")
-    if conflict is not None and (old_ready is None or old_ready.get("reason") != "NameConflict"):
+        events.append(Event("Warning", "Invalid", valid.message))
+    old_ready = _find(old, "Ready")
+    if conflict is not None and (old_ready is None or old_ready.reason != "NameConflict"):
         events.append(Event("Warning", "NameConflict", conflict))
     elif (
         failure is not None
-        and ready[1] == failure.reason
-        and (old_ready is None or (old_ready.get("reason"), old_ready.get("message")) != ready[1:])
+        and ready.reason == failure.reason
+        and (old_ready is None or (old_ready.reason, old_ready.message) != (ready.reason, ready.message))
     ):
-        events.append(Event("Warning", failure.reason, ready[2]))
+        events.append(Event("Warning", failure.reason, ready.message))
     return events
 
 
@@ -479,57 +516,28 @@ def apply_events(obj: Mapping[str, Any], applies: list[Apply] | tuple[Apply, ...
     return events
 
 
-def _clip(message: str, limit: int = MESSAGE_MAX) -> str:
-    if len(message) <= limit:
-        return message
-    marker = " … (truncated)"
-    return message[: limit - len(marker)] + marker
+def _find(status: OptimEnvStatus, kind: str) -> Condition | None:
+    return next((cond for cond in status.conditions if cond.type == kind), None)
 
 
-def _clip_record(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The job's status entry with its message cut to the CRD's limit (operators' messages are long)."""
-    if record is None:
-        return None
-    return {**record, "message": _clip(str(record.get("message") or ""), JOB_MESSAGE_MAX)}
-
-
-def _find(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == kind:
-            found: Mapping[str, Any] = cond
-            return found
-    return None
-
-
-def _condition(
-    old_status: Mapping[str, Any], kind: str, value: tuple[str, str, str], generation: Any, now: str
-) -> dict[str, Any]:
-    state, reason, message = value
+def _condition(old_status: OptimEnvStatus, kind: str, said: _Said, generation: Any, now: str) -> Condition:
     old = _find(old_status, kind)
     # lastTransitionTime moves only when the status itself flips (metav1.Condition semantics).
-    since = old.get("lastTransitionTime") if old and old.get("status") == state else None
-    return {
-        "type": kind,
-        "status": state,
-        "observedGeneration": generation,
-        "lastTransitionTime": since or now,
-        "reason": reason,
-        "message": _clip(message),
-    }
+    since = old.lastTransitionTime if old is not None and old.status == said.status else now
+    return Condition(
+        type=kind,
+        status=said.status,
+        observedGeneration=generation,
+        lastTransitionTime=since,
+        reason=said.reason,
+        message=said.message,
+    )
 
 
-def _comparable(status: Mapping[str, Any]) -> Any:
-    job = status.get("job")
-    return {
-        "observedGeneration": status.get("observedGeneration"),
-        "plan": status.get("plan"),
-        # A merge patch drops null fields: a stored entry never has them.
-        "job": {k: v for k, v in job.items() if v is not None} if isinstance(job, Mapping) else None,
-        "conditions": sorted(
-            (
-                {k: v for k, v in cond.items() if k != "lastTransitionTime"}
-                for cond in status.get("conditions") or []
-            ),
-            key=lambda c: str(c.get("type")),
-        ),
-    }
+def _comparable(status: OptimEnvStatus) -> OptimEnvStatus:
+    """``status`` without what moves on its own: the conditions' transition times and order."""
+    conditions = sorted(
+        (cond.model_copy(update={"lastTransitionTime": ""}) for cond in status.conditions),
+        key=lambda cond: cond.type,
+    )
+    return status.model_copy(update={"conditions": conditions})

@@ -11,7 +11,8 @@ if TYPE_CHECKING:
     from optimenv.compiler import Job, compile
     from optimenv.config import TrainingConfig, load_config, parse_config
     from optimenv.errors import ConfigError, OptimEnvError
-    from optimenv.plan import Deferred, EnvVar, Hardware, Plan, plan
+    from optimenv.plan import EnvVar, Hardware, Plan, plan
+    from optimenv.steps import Deferred
     from optimenv.workload import JobSpec, Topology
 
 # Lazy exports: the worker bootstrap imports optimenv.* on every pod start and must not pay for
@@ -26,7 +27,7 @@ _EXPORTS = {
     "parse_config": "optimenv.config",
     "ConfigError": "optimenv.errors",
     "OptimEnvError": "optimenv.errors",
-    "Deferred": "optimenv.plan",
+    "Deferred": "optimenv.steps",
     "EnvVar": "optimenv.plan",
     "Hardware": "optimenv.plan",
     "Plan": "optimenv.plan",

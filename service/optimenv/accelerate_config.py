@@ -22,10 +22,11 @@ from optimenv.config import (
     LaunchSettings,
     TrainingConfig,
     _did_you_mean,
-    _from_pydantic,
     _lax_int,
+    fsdp_key_hint,
 )
 from optimenv.errors import ConfigError
+from optimenv.validation import config_error
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 DistributedType = Literal["NO", "MULTI_GPU", "FSDP", "DEEPSPEED"]
@@ -219,7 +220,7 @@ def parse_accelerate_config(data: dict[str, Any], *, base_dirs: tuple[Path, ...]
     try:
         acc = AccelerateConfig.model_validate(data)
     except ValidationError as exc:
-        raise _from_pydantic(exc) from None
+        raise config_error(exc, root="config") from None
     return _Translation(acc, base_dirs).config()
 
 
@@ -296,7 +297,7 @@ class _Translation:
         try:
             config = TrainingConfig.model_validate(self.data, context={"base_dirs": self.base_dirs})
         except ValidationError as exc:
-            error = _from_pydantic(exc)
+            error = config_error(exc, root="config", unknown_hint=fsdp_key_hint)
             raise ConfigError(launch.field(error.field), error.reason, error.hint) from None
         except ConfigError as exc:
             raise ConfigError(launch.field(exc.field), exc.reason, exc.hint) from None

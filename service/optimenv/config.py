@@ -35,6 +35,7 @@ from optimenv import deepspeed as ds
 from optimenv import limits
 from optimenv.errors import ConfigError, shown
 from optimenv.limits import INT_MAX, MAX_CONFIG_BYTES, MAX_DEPTH, MAX_INT_CHARS, MAX_VALUES
+from optimenv.validation import config_error
 
 try:  # libyaml scans and parses about 3x faster; composing stays in Python, where it is counted
     from yaml.cyaml import CParser as _Parser  # type: ignore[attr-defined]
@@ -163,9 +164,8 @@ def _normalise_fsdp_keys(raw: dict[str, Any]) -> dict[str, Any]:
         origin[name] = key
     for name in out:
         if name not in _FSDP_KEYS:
-            raise ConfigError(
-                f"fsdp_config.{limits.key_text(origin[name])}", "unknown key", _did_you_mean(name, _FSDP_KEYS)
-            )
+            where = f"fsdp_config.{limits.key_text(origin[name])}"
+            raise ConfigError(where, "unknown key", fsdp_key_hint(name))
     return out
 
 
@@ -181,6 +181,11 @@ def _lax_int(value: Any) -> Any:
     if 0 < len(text) <= 19 and text.isascii() and text.isdecimal():  # 19 digits: always a 64-bit int
         return int(text)
     return value
+
+
+def fsdp_key_hint(name: str) -> str:
+    """The hint for an unknown ``fsdp_config`` key."""
+    return _did_you_mean(name, _FSDP_KEYS)
 
 
 def _did_you_mean(word: str, choices: tuple[str, ...] | list[str], noun: str = "keys") -> str:
@@ -539,11 +544,7 @@ DYNAMO_BACKENDS = (
 
 def _check_rules(cfg: TrainingConfig) -> None:
     """Axolotl's validators for the fields we own, plus the contradictions that train wrongly."""
-    fc = cfg.fsdp_config
-    fsdp_on = cfg.fsdp_enabled
-    version = cfg.effective_fsdp_version
-    optimizer = cfg.extra("optimizer")
-
+    fc, fsdp_on, version = cfg.fsdp_config, cfg.fsdp_enabled, cfg.effective_fsdp_version
     if cfg.deepspeed is not None and cfg.fsdp:
         raise ConfigError("deepspeed", "deepspeed and fsdp cannot be used together", "remove one of them")
     if cfg.deepspeed is not None and fsdp_on:
@@ -553,6 +554,17 @@ def _check_rules(cfg: TrainingConfig) -> None:
             "remove fsdp_config or deepspeed",
         )
     _check_batch_sizes(cfg)
+    _check_fsdp_rules(cfg)
+    _check_method_rules(cfg)
+    if fc is not None and fsdp_on:
+        _check_sharding(fc, version)
+    _check_compile_and_offload(cfg, version)
+
+
+def _check_fsdp_rules(cfg: TrainingConfig) -> None:
+    """Axolotl's refusals of FSDP settings with optimizers, quantisation and fp8."""
+    fc, fsdp_on, version = cfg.fsdp_config, cfg.fsdp_enabled, cfg.effective_fsdp_version
+    optimizer = cfg.extra("optimizer")
     if fc is not None and fc.cpu_offload_pin_memory is False and not (version == 2 and fc.offload_params):
         raise ConfigError(
             "fsdp_config.cpu_offload_pin_memory",
@@ -589,6 +601,12 @@ def _check_rules(cfg: TrainingConfig) -> None:
         )
     if cfg.fp8_enable_fsdp_float8_all_gather and not (fsdp_on and version == 2):
         raise ConfigError("fp8_enable_fsdp_float8_all_gather", "needs FSDP2 (fsdp_version: 2)")
+
+
+def _check_method_rules(cfg: TrainingConfig) -> None:
+    """Axolotl's refusals of training methods (ReLoRA, muon, RL, TP, CP) with the distributed setup."""
+    fc, fsdp_on, version = cfg.fsdp_config, cfg.fsdp_enabled, cfg.effective_fsdp_version
+    optimizer = cfg.extra("optimizer")
     if cfg.deepcompile and cfg.deepspeed is None:
         raise ConfigError("deepcompile", "needs deepspeed")
     relora = next((k for k in ("relora", "relora_steps") if cfg.extra(k)), None)
@@ -622,9 +640,6 @@ def _check_rules(cfg: TrainingConfig) -> None:
             "micro_batch_size",
             "must be 1 with context_parallel_size > 1 and sample_packing",
         )
-    if fc is not None and fsdp_on:
-        _check_sharding(fc, version)
-    _check_compile_and_offload(cfg, version)
 
 
 def _check_batch_sizes(cfg: TrainingConfig) -> None:
@@ -751,7 +766,7 @@ def parse_config(
     try:
         return TrainingConfig.model_validate(data, context={"base_dirs": base_dirs})
     except ValidationError as exc:
-        raise _from_pydantic(exc) from None
+        raise config_error(exc, root="config", unknown_hint=fsdp_key_hint) from None
 
 
 def config_format(data: Mapping[str, Any]) -> ConfigFormat:
@@ -959,68 +974,3 @@ class _BoundedLoader(_Parser, Composer, SafeConstructor, Resolver):
                 key = limits.key_text(part.value) if isinstance(part, ScalarNode) else "<key>"
                 out += f".{key}" if out else key
         return out or "config"
-
-
-#: At most this many validation errors are spelled out; the rest are counted.
-MAX_ERRORS_SHOWN = 10
-
-
-def _from_pydantic(exc: ValidationError) -> ConfigError:
-    """Every field pydantic refused, on one line: ``field: why; other.field: why; ... and N more``."""
-    by_field: dict[str, list[Any]] = {}
-    for error in exc.errors(include_url=False):
-        by_field.setdefault(_field_of(error), []).append(error)
-    problems = [(field, _problem(errors)) for field, errors in by_field.items()]
-    (field, (message, hint)), rest = problems[0], problems[1:]
-    parts = [message, *(f"{f}: {m}" + (f" ({h})" if h else "") for f, (m, h) in rest[: MAX_ERRORS_SHOWN - 1])]
-    if len(rest) >= MAX_ERRORS_SHOWN:
-        parts.append(f"... and {len(rest) - MAX_ERRORS_SHOWN + 1} more")
-    return ConfigError(field, "; ".join(parts), hint if not rest else None)
-
-
-def _problem(errors: list[Any]) -> tuple[str, str | None]:
-    """What is wrong with one field (and a hint), from its pydantic errors."""
-    first = errors[0]
-    if first["type"] == "extra_forbidden":
-        name = str(first["loc"][-1])
-        return "unknown key", _did_you_mean(name, _FSDP_KEYS)
-    if len(errors) > 1:
-        # A union such as bf16: "auto" | bool failed on every branch: say what each accepts.
-        allowed = " or ".join(dict.fromkeys(_expected(e) for e in errors))
-        return f"must be {allowed} (got {shown(first['input'])})", None
-    msg = str(first["msg"]).removeprefix("Value error, ")
-    if "input" in first and first["type"] not in ("value_error", "assertion_error", "missing"):
-        msg = f"{msg} (got {shown(first['input'])})"
-    return msg, None
-
-
-_UNION_LABELS = ("literal[", "function-", "json-or-python", "dict[", "list[", "union[")
-
-
-def _field_of(error: Any) -> str:
-    """The dotted field path of a pydantic error, without union-branch labels (``literal['auto']``)."""
-    parts = [limits.key_text(p) if isinstance(p, str) else str(p) for p in error["loc"]]
-    parts = [
-        p
-        for p in parts
-        if not p.startswith(_UNION_LABELS) and p not in ("bool", "int", "str", "float", "none")
-    ]
-    return ".".join(parts) or "config"
-
-
-def _expected(error: Any) -> str:
-    kind = error["type"]
-    if kind == "literal_error":
-        return str(error.get("ctx", {}).get("expected", "a listed value"))
-    names = {
-        "bool_parsing": "true/false",
-        "bool_type": "true/false",
-        "int_parsing": "a whole number",
-        "int_type": "a whole number",
-        "string_type": "a string",
-        "dict_type": "a mapping",
-        "list_type": "a list",
-        "float_parsing": "a number",
-        "float_type": "a number",
-    }
-    return names.get(kind, str(error["msg"]))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from optimenv._console import Console
 from optimenv._ray_driver import ray_cluster, wait_for
@@ -125,6 +126,16 @@ def _loss_line(loss: dict[str, Any] | None) -> str:
         return "- (the script reported none: optimenv.bootstrap.ray.report(step, loss=...))"
     change = f" ({loss['change']:+.1%})" if loss["change"] is not None else ""
     return f"{loss['first']:.4f} -> {loss['last']:.4f}{change} over {loss['steps']} steps"
+
+
+def format_report(report: dict[str, Any], output: str) -> str:
+    """The report as ``output`` says: ``text`` for a person, ``json`` or ``yaml`` (the same data)."""
+    if output == "json":
+        return json.dumps(report, indent=2, sort_keys=True) + "\n"
+    if output == "yaml":
+        dumped: str = yaml.safe_dump(report, sort_keys=True, allow_unicode=True)
+        return dumped
+    return report_text(report)
 
 
 def report_text(report: dict[str, Any]) -> str:

@@ -1,8 +1,8 @@
 """Parallel sizes: the ones Axolotl's model loader infers, and the ones Accelerate refuses.
 
 Standard library only: the planner settles the sizes when it knows the process count, and the
-worker bootstrap (the ``parallel_sizes`` deferred step) when only the worker knows it. Both call
-:func:`settle` with the same inputs, so both decide alike.
+worker bootstrap (the ``parallel_sizes`` deferred step, :class:`optimenv.steps.ParallelSizes`) when
+only the worker knows it. Both call :func:`settle` with the same inputs, so both decide alike.
 
 Axolotl's loader (``src/axolotl/utils/distributed.py:320-378`` at 067b021c) fills the sizes a config
 leaves out from the world size, but only into the device mesh it loads the model with; the
@@ -264,21 +264,3 @@ def hint(written: Sizes, world: int, layout: Layout, product: int) -> str:
     )
     return f"change the sizes you wrote ({shown}) or the process count so that they agree"
 
-
-def step_inputs(detail: Mapping[str, object]) -> tuple[Sizes, Layout]:
-    """A ``parallel_sizes`` deferred step's detail (``{"written": …, "layout": …}``) as inputs.
-
-    Raises ``KeyError`` naming what is missing and ``ValueError`` for a malformed value.
-    """
-    written, layout = detail["written"], detail["layout"]
-    if not isinstance(written, Mapping) or not isinstance(layout, Mapping):
-        raise ValueError("written and layout must be mappings")
-    sizes = Sizes(**{axis: written[axis] for axis in Sizes._fields})
-    for axis in Sizes._fields:
-        value = getattr(sizes, axis)
-        if not (value is None or (type(value) is int and value >= 1)):
-            raise ValueError(f"written.{axis} must be a whole number >= 1 or null, got {value!r}")
-    names = layout["names"]
-    if not isinstance(names, Mapping) or not all(isinstance(names.get(a), str) for a in AXOLOTL_FIELDS):
-        raise ValueError("layout.names must name every axis")
-    return sizes, Layout(**{**{key: layout[key] for key in Layout._fields}, "names": dict(names)})

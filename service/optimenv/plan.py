@@ -18,24 +18,27 @@ from optimenv import deepspeed as ds
 from optimenv import parallel
 from optimenv.errors import ConfigError, shown
 from optimenv.parallel import ProcessCountError as ProcessCountError  # its home before parallel.py
-from optimenv.spec import DeferredKind, SpecStep
+from optimenv.spec import SpecStep
+from optimenv.steps import (
+    TORCH_COMPILE_MIN,
+    Bf16Auto,
+    DeepSpeedZero3Config,
+    Deferred,
+    NcclP2PCheck,
+    ParallelSizes,
+    RequireFp8,
+    SingleGpuRendezvousDefaults,
+    TorchCompileAuto,
+    to_spec,
+)
 from optimenv.versions import at_least, parse_version
 
 if TYPE_CHECKING:
-    from optimenv.config import TrainingConfig
+    from optimenv.config import FSDPConfig, TrainingConfig
 
 DEFAULT_DEEPSPEED_PATH = "/etc/optimenv/deepspeed.json"
 #: How the source of a size that Axolotl's loader inferred reads (``dp_shard_size (inferred)``).
 INFERRED = "(inferred)"
-
-#: Rendezvous defaults Axolotl sets (setdefault) for a DeepSpeed run on a single GPU.
-SINGLE_GPU_DEFAULTS = {
-    "WORLD_SIZE": "1",
-    "LOCAL_RANK": "0",
-    "RANK": "0",
-    "MASTER_ADDR": "0.0.0.0",
-    "MASTER_PORT": "29500",
-}
 
 
 @dataclass(frozen=True)
@@ -79,26 +82,9 @@ class EnvVar:
 
 
 @dataclass(frozen=True)
-class Deferred:
-    """A decision only the worker can take. ``kind`` is what the bootstrap dispatches on."""
-
-    kind: DeferredKind
-    variable: str | None
-    source: str
-    detail: tuple[tuple[str, Any], ...] = ()
-
-    def to_dict(self) -> SpecStep:
-        return {
-            "kind": self.kind,
-            "variable": self.variable,
-            "source": self.source,
-            "detail": dict(self.detail),
-        }
-
-
-@dataclass(frozen=True)
 class Plan:
-    """The planned environment. ``deepspeed`` is the JSON the workers will read."""
+    """The planned environment. ``deepspeed`` is the JSON the workers will read; ``deferred`` the
+    steps only the worker can decide (:mod:`optimenv.steps`)."""
 
     env: tuple[EnvVar, ...]
     deepspeed: dict[str, Any] | None
@@ -117,12 +103,16 @@ class Plan:
     def sources(self) -> dict[str, str]:
         return {v.name: v.source for v in self.env}
 
+    def spec_steps(self) -> list[SpecStep]:
+        """The deferred steps as the worker spec carries them."""
+        return [to_spec(step) for step in self.deferred]
+
     def to_dict(self) -> dict[str, Any]:
         """Exactly the ``optimenv plan -o json`` document."""
         return {
             "env": self.env_dict,
             "sources": self.sources,
-            "deferred": [d.to_dict() for d in self.deferred],
+            "deferred": self.spec_steps(),
             "deepspeed": ds.json_copy(self.deepspeed),
             "warnings": list(self.warnings),
         }
@@ -140,8 +130,8 @@ class _Builder:
     def set(self, name: str, value: str, source: str, mode: Literal["set", "default"] = "set") -> None:
         self.env[name] = EnvVar(name, value, source, mode)
 
-    def defer(self, kind: Any, variable: str | None, source: str, **detail: Any) -> None:
-        self.deferred.append(Deferred(kind, variable, source, tuple(sorted(detail.items()))))
+    def defer(self, step: Deferred) -> None:
+        self.deferred.append(step)
 
 
 def plan(
@@ -205,7 +195,7 @@ def _plan(config: TrainingConfig, hw: Hardware, deepspeed_path: str) -> Plan:
     b = _Builder()
     if config.ddp_timeout:
         b.set("AXOLOTL_NCCL_TIMEOUT", str(config.ddp_timeout), "ddp_timeout", mode="default")
-    b.defer("nccl_p2p_check", "NCCL_P2P_DISABLE", "default", value_if_unsupported="1", skip_if_set=True)
+    b.defer(NcclP2PCheck())
     b.warnings.extend(
         f"{key}: not a key optimenv reads; did you mean {close!r}?" for key, close in config.near_misses
     )
@@ -260,44 +250,72 @@ def _fsdp(config: TrainingConfig, b: _Builder) -> int:
     fc = config.fsdp_config
     version = config.effective_fsdp_version
     if fc is None or not fc.model_fields_set:
-        # Legacy list only: Axolotl crashes here (D2); translate it as transformers does.
-        items = set(config.fsdp or ())
-        strategy = next((s.upper() for s in config.fsdp or () if s not in ("offload", "auto_wrap")), None)
-        b.warnings.append(
-            f"fsdp: the legacy list is deprecated; use fsdp_config (translated to FSDP{version} here)"
-        )
-        b.set("ACCELERATE_USE_FSDP", "true", "fsdp")
-        b.set("FSDP_VERSION", str(version), config.fsdp_version_source)
-        if "offload" in items:
-            b.set("FSDP_OFFLOAD_PARAMS", "true", "fsdp")
-        if "auto_wrap" in items:
-            b.set("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP", "fsdp")
-        if strategy and version == 1:
-            b.set("FSDP_SHARDING_STRATEGY", strategy, "fsdp")
-        elif strategy:
-            if strategy not in ("FULL_SHARD", "SHARD_GRAD_OP"):
-                raise ConfigError(
-                    "fsdp",
-                    f"{strategy.lower()} has no FSDP2 equivalent",
-                    "use full_shard or shard_grad_op; for HSDP set dp_replicate_size and dp_shard_size",
-                )
-            # Accelerate's FSDP2 default is to reshard; shard_grad_op must say false.
-            b.set("FSDP_RESHARD_AFTER_FORWARD", str(strategy == "FULL_SHARD").lower(), "fsdp")
+        _fsdp_legacy_list(config, version, b)
         return version
-
-    src = "fsdp_config."
     b.set("ACCELERATE_USE_FSDP", "true", "fsdp_config")
     b.set("FSDP_VERSION", str(version), config.fsdp_version_source)
     if config.fsdp:
         b.warnings.append("fsdp: the legacy list is ignored because fsdp_config is set")
-    flags = (
-        ("FSDP_ACTIVATION_CHECKPOINTING", "activation_checkpointing"),
-        ("FSDP_OFFLOAD_PARAMS", "offload_params"),
-        ("FSDP_SYNC_MODULE_STATES", "sync_module_states"),
-        ("FSDP_CPU_RAM_EFFICIENT_LOADING", "cpu_ram_efficient_loading"),
-        ("FSDP_USE_ORIG_PARAMS", "use_orig_params"),
+    _fsdp_settings(fc, version, b)
+    if version == 2:
+        _fsdp2_sharding(fc, b)
+    else:
+        _fsdp1_sharding(fc, b)
+    if fc.limit_all_gathers is not None:
+        b.warnings.append(
+            "fsdp_config.limit_all_gathers: Accelerate has no variable for it; it only reaches "
+            "TrainingArguments (FSDP1)"
+        )
+    return version
+
+
+def _fsdp_legacy_list(config: TrainingConfig, version: int, b: _Builder) -> None:
+    """The legacy ``fsdp:`` list alone: Axolotl crashes here (D2); translated as transformers does."""
+    items = set(config.fsdp or ())
+    strategy = next((s.upper() for s in config.fsdp or () if s not in ("offload", "auto_wrap")), None)
+    b.warnings.append(
+        f"fsdp: the legacy list is deprecated; use fsdp_config (translated to FSDP{version} here)"
     )
-    for name, key in flags:
+    b.set("ACCELERATE_USE_FSDP", "true", "fsdp")
+    b.set("FSDP_VERSION", str(version), config.fsdp_version_source)
+    if "offload" in items:
+        b.set("FSDP_OFFLOAD_PARAMS", "true", "fsdp")
+    if "auto_wrap" in items:
+        b.set("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP", "fsdp")
+    if strategy and version == 1:
+        b.set("FSDP_SHARDING_STRATEGY", strategy, "fsdp")
+    elif strategy:
+        if strategy not in ("FULL_SHARD", "SHARD_GRAD_OP"):
+            raise ConfigError(
+                "fsdp",
+                f"{strategy.lower()} has no FSDP2 equivalent",
+                "use full_shard or shard_grad_op; for HSDP set dp_replicate_size and dp_shard_size",
+            )
+        # Accelerate's FSDP2 default is to reshard; shard_grad_op must say false.
+        b.set("FSDP_RESHARD_AFTER_FORWARD", str(strategy == "FULL_SHARD").lower(), "fsdp")
+
+
+_FSDP_FLAGS = (
+    ("FSDP_ACTIVATION_CHECKPOINTING", "activation_checkpointing"),
+    ("FSDP_OFFLOAD_PARAMS", "offload_params"),
+    ("FSDP_SYNC_MODULE_STATES", "sync_module_states"),
+    ("FSDP_CPU_RAM_EFFICIENT_LOADING", "cpu_ram_efficient_loading"),
+    ("FSDP_USE_ORIG_PARAMS", "use_orig_params"),
+    # Read by Accelerate, dropped by Axolotl's schema (C2).
+    ("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", "activation_checkpointing_offload"),
+)
+_FSDP_TEXTS = (
+    ("FSDP_AUTO_WRAP_POLICY", "auto_wrap_policy"),
+    ("FSDP_TRANSFORMER_CLS_TO_WRAP", "transformer_layer_cls_to_wrap"),
+    ("FSDP_MIN_NUM_PARAMS", "min_num_params"),
+    ("FSDP_IGNORED_MODULES", "ignored_modules"),
+)
+
+
+def _fsdp_settings(fc: FSDPConfig, version: int, b: _Builder) -> None:
+    """The ``fsdp_config`` keys that mean the same in FSDP1 and FSDP2."""
+    src = "fsdp_config."
+    for name, key in _FSDP_FLAGS:
         if getattr(fc, key):
             b.set(name, "true", src + key)
     if fc.state_dict_type:
@@ -309,63 +327,47 @@ def _fsdp(config: TrainingConfig, b: _Builder) -> int:
             )
         b.set("FSDP_STATE_DICT_TYPE", fc.state_dict_type, src + "state_dict_type")
     if fc.cpu_offload_pin_memory is not None:
-        b.set(
-            "FSDP_CPU_OFFLOAD_PIN_MEMORY",
-            str(fc.cpu_offload_pin_memory).lower(),
-            src + "cpu_offload_pin_memory",
-        )
-    if fc.auto_wrap_policy:
-        b.set("FSDP_AUTO_WRAP_POLICY", fc.auto_wrap_policy, src + "auto_wrap_policy")
-    if fc.transformer_layer_cls_to_wrap:
-        b.set(
-            "FSDP_TRANSFORMER_CLS_TO_WRAP",
-            fc.transformer_layer_cls_to_wrap,
-            src + "transformer_layer_cls_to_wrap",
-        )
-    if fc.min_num_params:
-        b.set("FSDP_MIN_NUM_PARAMS", str(fc.min_num_params), src + "min_num_params")
-    # Read by Accelerate, dropped by Axolotl's schema (C2).
-    if fc.activation_checkpointing_offload:
-        b.set("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", "true", src + "activation_checkpointing_offload")
-    if fc.ignored_modules:
-        b.set("FSDP_IGNORED_MODULES", fc.ignored_modules, src + "ignored_modules")
+        pin = str(fc.cpu_offload_pin_memory).lower()
+        b.set("FSDP_CPU_OFFLOAD_PIN_MEMORY", pin, src + "cpu_offload_pin_memory")
+    for name, key in _FSDP_TEXTS:
+        value = getattr(fc, key)
+        if value:
+            b.set(name, str(value), src + key)
 
-    if version == 2:
-        reshard = fc.reshard_after_forward
-        reshard_src = src + "reshard_after_forward"
-        if reshard is None and fc.sharding_strategy is not None:
-            reshard = fc.sharding_strategy == "FULL_SHARD"
-            reshard_src = src + "sharding_strategy"
-        elif fc.sharding_strategy is not None:
-            b.warnings.append(
-                "fsdp_config.sharding_strategy: an FSDP1 setting; FSDP2 follows reshard_after_forward "
-                "(they agree here), so it can be removed"
-            )
-        if reshard is not None:
-            # Exported when false too: Axolotl drops false and Accelerate's FSDP2 default is true.
-            b.set("FSDP_RESHARD_AFTER_FORWARD", str(reshard).lower(), reshard_src)
-        for key in ("backward_prefetch", "forward_prefetch"):
-            if getattr(fc, key) not in (None, False, "NO_PREFETCH"):
-                b.warnings.append(f"fsdp_config.{key}: FSDP1 only; FSDP2 ignores it")
-    else:
-        strategy = fc.sharding_strategy
-        strategy_src = src + "sharding_strategy"
-        if strategy is None and fc.reshard_after_forward is not None:
-            strategy = "FULL_SHARD" if fc.reshard_after_forward else "SHARD_GRAD_OP"
-            strategy_src = src + "reshard_after_forward"
-        if strategy is not None:
-            b.set("FSDP_SHARDING_STRATEGY", strategy, strategy_src)
-        if fc.backward_prefetch is not None:
-            b.set("FSDP_BACKWARD_PREFETCH", fc.backward_prefetch, src + "backward_prefetch")
-        if fc.forward_prefetch is not None:
-            b.set("FSDP_FORWARD_PREFETCH", str(fc.forward_prefetch).lower(), src + "forward_prefetch")
-        b.warnings.append("fsdp_version: FSDP1 is deprecated; consider fsdp_version: 2")
-    if fc.limit_all_gathers is not None:
+
+def _fsdp2_sharding(fc: FSDPConfig, b: _Builder) -> None:
+    reshard = fc.reshard_after_forward
+    reshard_src = "fsdp_config.reshard_after_forward"
+    if reshard is None and fc.sharding_strategy is not None:
+        reshard = fc.sharding_strategy == "FULL_SHARD"
+        reshard_src = "fsdp_config.sharding_strategy"
+    elif fc.sharding_strategy is not None:
         b.warnings.append(
-            "fsdp_config.limit_all_gathers: Accelerate has no variable for it; it only reaches "
-            "TrainingArguments (FSDP1)"
+            "fsdp_config.sharding_strategy: an FSDP1 setting; FSDP2 follows reshard_after_forward "
+            "(they agree here), so it can be removed"
         )
-    return version
+    if reshard is not None:
+        # Exported when false too: Axolotl drops false and Accelerate's FSDP2 default is true.
+        b.set("FSDP_RESHARD_AFTER_FORWARD", str(reshard).lower(), reshard_src)
+    for key in ("backward_prefetch", "forward_prefetch"):
+        if getattr(fc, key) not in (None, False, "NO_PREFETCH"):
+            b.warnings.append(f"fsdp_config.{key}: FSDP1 only; FSDP2 ignores it")
+
+
+def _fsdp1_sharding(fc: FSDPConfig, b: _Builder) -> None:
+    src = "fsdp_config."
+    strategy = fc.sharding_strategy
+    strategy_src = src + "sharding_strategy"
+    if strategy is None and fc.reshard_after_forward is not None:
+        strategy = "FULL_SHARD" if fc.reshard_after_forward else "SHARD_GRAD_OP"
+        strategy_src = src + "reshard_after_forward"
+    if strategy is not None:
+        b.set("FSDP_SHARDING_STRATEGY", strategy, strategy_src)
+    if fc.backward_prefetch is not None:
+        b.set("FSDP_BACKWARD_PREFETCH", fc.backward_prefetch, src + "backward_prefetch")
+    if fc.forward_prefetch is not None:
+        b.set("FSDP_FORWARD_PREFETCH", str(fc.forward_prefetch).lower(), src + "forward_prefetch")
+    b.warnings.append("fsdp_version: FSDP1 is deprecated; consider fsdp_version: 2")
 
 
 def _deepspeed(
@@ -403,7 +405,7 @@ def _deepspeed(
             "deepspeed_config.deepspeed_moe_layer_cls_names",
         )
     if hw.world_size in (None, 1):
-        b.defer("single_gpu_rendezvous_defaults", None, "deepspeed", defaults=dict(SINGLE_GPU_DEFAULTS))
+        b.defer(SingleGpuRendezvousDefaults())
     reentrant = config.extra("gradient_checkpointing_kwargs")
     if (
         stage == 3
@@ -417,7 +419,7 @@ def _deepspeed(
             "a CheckpointError about recomputed values"
         )
     if stage == 3:
-        b.defer("deepspeed_zero3_config", None, "deepspeed.zero_optimization.stage", path=path)
+        b.defer(DeepSpeedZero3Config())
     return ds_json, stage
 
 
@@ -528,13 +530,7 @@ def _parallelism(config: TrainingConfig, hw: Hardware, b: _Builder) -> None:
     else:
         parallel.check_static(written, layout)
         if written.ep > 1 or (layout.infer and layout.builds_config(written)):
-            b.defer(
-                "parallel_sizes",
-                None,
-                _first_parallel_source(b, names),
-                written=written._asdict(),
-                layout={**layout._asdict(), "names": dict(names)},
-            )
+            b.defer(ParallelSizes(written, layout, _first_parallel_source(b, names)))
     if layout.builds_config(written):
         b.set("ACCELERATE_USE_PARALLELISM_CONFIG", "true", _first_parallel_source(b, names))
 
@@ -552,17 +548,11 @@ def check_process_count(result: Plan, world: int, what: str) -> None:
     A plan made without the process count still carries the sizes to infer: they are settled for
     ``world`` here exactly as the worker will settle them.
     """
-    step = next((d for d in result.deferred if d.kind == "parallel_sizes"), None)
+    step = next((d for d in result.deferred if isinstance(d, ParallelSizes)), None)
     if step is not None:
-        written, layout = parallel_step_inputs(dict(step.detail))
-        parallel.settle(written, world, layout, what)
+        parallel.settle(step.written, world, step.layout, what)
         return
     check_world_size(result.env_dict, result.sources, world, what)
-
-
-def parallel_step_inputs(detail: Mapping[str, Any]) -> tuple[parallel.Sizes, parallel.Layout]:
-    """The ``parallel_sizes`` step's detail back as :func:`optimenv.parallel.settle`'s inputs."""
-    return parallel.step_inputs(detail)
 
 
 def check_world_size(env: Mapping[str, str], sources: Mapping[str, str], world: int, what: str) -> None:
@@ -628,15 +618,9 @@ def _torch_compile(config: TrainingConfig, hw: Hardware, b: _Builder) -> None:
     src = "torch_compile_backend" if config.torch_compile_backend else "torch_compile"
     if config.torch_compile == "auto":
         if hw.torch_version is None:
-            b.defer(
-                "torch_compile_auto",
-                "ACCELERATE_DYNAMO_BACKEND",
-                "torch_compile",
-                value=backend,
-                min_torch="2.5.1",
-            )
+            b.defer(TorchCompileAuto(backend))
             return
-        if not at_least(hw.torch_version, "2.5.1"):
+        if not at_least(hw.torch_version, TORCH_COMPILE_MIN):
             return
     b.set("ACCELERATE_DYNAMO_BACKEND", backend, src)
     launch = config.launch
@@ -659,7 +643,7 @@ def _compile_option_warnings(config: TrainingConfig, hw: Hardware, b: _Builder) 
     if (
         config.torch_compile == "auto"
         and hw.torch_version is not None
-        and not at_least(hw.torch_version, "2.5.1")
+        and not at_least(hw.torch_version, TORCH_COMPILE_MIN)
     ):
         b.warnings.append(
             f"torch_compile_options: ignored, torch_compile: auto stays off with torch {hw.torch_version}"
@@ -674,26 +658,10 @@ def _compile_option_warnings(config: TrainingConfig, hw: Hardware, b: _Builder) 
 def _mixed_precision(
     config: TrainingConfig, hw: Hardware, b: _Builder, ds_json: dict[str, Any] | None
 ) -> str | None:
-    name = "ACCELERATE_MIXED_PRECISION"
-    bf16_explicit = "bf16" in config.model_fields_set
+    """``ACCELERATE_MIXED_PRECISION`` as Axolotl resolves it; ``None`` when the worker decides it."""
+    hard_coded = _hard_coded_precisions(ds_json)
     if config.fp8:
-        if hw.fp8_supported is False:
-            raise ConfigError(
-                "fp8",
-                "fp8 requested, but the target GPUs do not support fp8",
-                "remove fp8 or target GPUs of compute capability >= 8.9",
-            )
-        if hw.fp8_supported is None:
-            b.defer("require_fp8", name, "fp8")
-        value, src = "fp8", "fp8"
-        if not config.torch_compile:
-            b.warnings.append("fp8: without torch_compile fp8 training may be slower than bf16")
-        fc = config.fsdp_config
-        if fc is not None and fc.activation_checkpointing:
-            # check_fp8_config (validation.py:434-441).
-            b.warnings.append("fp8: with FSDP activation checkpointing it may be slower than bf16")
-        if config.bf16 is True or config.fp16:
-            b.warnings.append("fp8: takes precedence over bf16/fp16 (as in Axolotl)")
+        value, src = _fp8(config, hw, b), "fp8"
     elif config.bf16 is True:
         if hw.bf16_supported is False:
             raise ConfigError(
@@ -704,55 +672,74 @@ def _mixed_precision(
         value, src = "bf16", "bf16"
         if config.fp16:
             b.warnings.append("fp16: ignored because bf16 is true (as in Axolotl)")
-    elif config.bf16 == "auto":
+    elif config.bf16 == "auto" and not config.fp16:
         # What Axolotl trains with (resolve_dtype, utils/config/__init__.py:156-172): fp16 wins over
         # auto; without bf16 support it turns fp16 on unless fp16: false or float16 (C14).
         fallback = "no" if config.fp16 is False or config.extra("float16") else "fp16"
-        if config.fp16:
-            value, src = "fp16", "fp16"
-        elif hw.bf16_supported is None:
+        if hw.bf16_supported is None:
             # A worker without a GPU trains in fp32: Accelerate refuses fp16 off the GPU.
-            b.defer("bf16_auto", name, "bf16", if_supported="bf16", otherwise=fallback, without_gpu="no")
-            _check_deepspeed_precision(config, ds_json, None, b)
+            b.defer(Bf16Auto(fallback, without_gpu="no", deepspeed_requires=_one_precision(hard_coded)))
             return None
-        elif hw.bf16_supported:
-            value, src = "bf16", "bf16"
-        else:
-            value, src = fallback, "bf16"
+        value, src = ("bf16" if hw.bf16_supported else fallback), "bf16"
     elif config.fp16:
         value, src = "fp16", "fp16"
     else:
-        value, src = "no", "bf16" if bf16_explicit else "default"
-    _check_deepspeed_precision(config, ds_json, value, b)
-    b.set(name, value, src)
+        value, src = "no", "bf16" if "bf16" in config.model_fields_set else "default"
+    if not (config.launch is not None and value == "no"):
+        # From an accelerate config file, mixed precision "no" leaves the choice to the JSON, as
+        # DeepSpeedPlugin.set_mixed_precision does (utils/dataclasses.py:1415-1440).
+        _check_deepspeed_precision(hard_coded, value)
+    b.set("ACCELERATE_MIXED_PRECISION", value, src)
     return value
 
 
-def _check_deepspeed_precision(
-    config: TrainingConfig, ds_json: dict[str, Any] | None, precision: str | None, b: _Builder
-) -> None:
-    """A DeepSpeed JSON that hard-codes a precision the plan does not use trains wrongly (D14).
+def _fp8(config: TrainingConfig, hw: Hardware, b: _Builder) -> str:
+    if hw.fp8_supported is False:
+        raise ConfigError(
+            "fp8",
+            "fp8 requested, but the target GPUs do not support fp8",
+            "remove fp8 or target GPUs of compute capability >= 8.9",
+        )
+    if hw.fp8_supported is None:
+        b.defer(RequireFp8())
+    if not config.torch_compile:
+        b.warnings.append("fp8: without torch_compile fp8 training may be slower than bf16")
+    fc = config.fsdp_config
+    if fc is not None and fc.activation_checkpointing:
+        # check_fp8_config (validation.py:434-441).
+        b.warnings.append("fp8: with FSDP activation checkpointing it may be slower than bf16")
+    if config.bf16 is True or config.fp16:
+        b.warnings.append("fp8: takes precedence over bf16/fp16 (as in Axolotl)")
+    return "fp8"
 
-    From an ``accelerate config`` file, mixed precision ``no`` leaves the choice to the JSON, as
-    ``DeepSpeedPlugin.set_mixed_precision`` does (``utils/dataclasses.py:1415-1440``).
-    """
-    if ds_json is None or (config.launch is not None and precision == "no"):
-        return
-    for key in ("bf16", "fp16"):
-        if ds.precision_flag(ds_json, key) is True:
-            if precision is None:
-                b.deferred[-1] = Deferred(
-                    b.deferred[-1].kind,
-                    b.deferred[-1].variable,
-                    b.deferred[-1].source,
-                    tuple(sorted({**dict(b.deferred[-1].detail), "deepspeed_requires": key}.items())),
-                )
-            elif precision != key and not (precision == "fp8" and key == "bf16"):
-                raise ConfigError(
-                    f"deepspeed.{key}.enabled",
-                    f"is true in the DeepSpeed JSON but mixed precision resolves to {precision!r}",
-                    f'set {key}.enabled to "auto" in the JSON, or set {key}: true in the config',
-                )
+
+def _hard_coded_precisions(ds_json: dict[str, Any] | None) -> tuple[str, ...]:
+    """The precisions (``bf16``, ``fp16``) the DeepSpeed JSON turns on with ``enabled: true``."""
+    if ds_json is None:
+        return ()
+    return tuple(key for key in ("bf16", "fp16") if ds.precision_flag(ds_json, key) is True)
+
+
+def _one_precision(hard_coded: tuple[str, ...]) -> str | None:
+    """The one precision a ``bf16: auto`` worker must resolve to, for the JSON (D14)."""
+    if len(hard_coded) > 1:
+        raise ConfigError(
+            "deepspeed.fp16.enabled",
+            "is true in the DeepSpeed JSON together with bf16.enabled, so no mixed precision matches both",
+            'set one of them to "auto" or false',
+        )
+    return hard_coded[0] if hard_coded else None
+
+
+def _check_deepspeed_precision(hard_coded: tuple[str, ...], precision: str) -> None:
+    """A DeepSpeed JSON that hard-codes a precision the plan does not use trains wrongly (D14)."""
+    for key in hard_coded:
+        if precision != key and not (precision == "fp8" and key == "bf16"):
+            raise ConfigError(
+                f"deepspeed.{key}.enabled",
+                f"is true in the DeepSpeed JSON but mixed precision resolves to {precision!r}",
+                f'set {key}.enabled to "auto" in the JSON, or set {key}: true in the config',
+            )
 
 
 def _check_lora_kernels(config: TrainingConfig, hw: Hardware, version: int) -> None:

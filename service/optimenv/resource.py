@@ -11,13 +11,13 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import click
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from optimenv.errors import ConfigError
 from optimenv.plan import DEFAULT_DEEPSPEED_PATH
-from optimenv.workload import JobSpec, Topology, parse_model
+from optimenv.validation import parse_model
+from optimenv.workload import JobSpec, Topology
 
 GROUP = "optimenv.dev"
 VERSION = "v1alpha1"
@@ -163,6 +163,35 @@ class OptimEnvStatus(BaseModel):
     )
     plan: PlanSummary | None = Field(None, description="Summary of the last good plan.")
     job: JobStatus | None = Field(None, description="The owned job's phase, when spec.job is set.")
+
+    def to_patch(self) -> dict[str, Any]:
+        """The merge patch that makes the stored status this one: every field, an unset one as null.
+
+        A merge patch merges objects key by key and deletes a key sent as null, so a field left out
+        would keep a stale value (a plan's job target after ``spec.job`` was removed). A list is
+        stored as sent, nulls included, so the conditions leave their unset fields out.
+        """
+        patch = self.model_dump(mode="json")
+        patch["conditions"] = [c.model_dump(mode="json", exclude_none=True) for c in self.conditions]
+        return patch
+
+    def stored(self) -> dict[str, Any]:
+        """The status as the API server keeps it after :meth:`to_patch` (no null anywhere)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def max_length(model: type[BaseModel], field: str) -> int:
+    """The ``maxLength`` of a string field of ``model``, as the CRD's schema has it."""
+    found: int = next(m.max_length for m in model.model_fields[field].metadata if hasattr(m, "max_length"))
+    return found
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying so: a longer status field fails the whole write."""
+    if len(text) <= limit:
+        return text
+    marker = " … (truncated)"
+    return text[: limit - len(marker)] + marker
 
 
 def parse_spec(data: Mapping[str, Any] | None) -> OptimEnvSpec:
@@ -315,12 +344,6 @@ def crd_manifest() -> dict[str, Any]:
 def crd_yaml() -> str:
     """The CRD as the YAML committed under ``manifests/crds/`` (deterministic bytes)."""
     return yaml.safe_dump(crd_manifest(), sort_keys=False, width=110, allow_unicode=True)
-
-
-@click.command(name="crd")
-def crd_command() -> None:
-    """Print the OptimEnv CustomResourceDefinition as YAML (kubectl apply --server-side -f -)."""
-    click.echo(crd_yaml(), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from optimenv.errors import OptimEnvError, shown
 from optimenv.limits import check_data
@@ -25,7 +25,7 @@ SPEC_PATH = "/etc/optimenv/spec.json"
 SPEC_ENV = "OPTIMENV_SPEC"
 Policy = Literal["plan-wins", "user-wins"]
 POLICIES: tuple[Policy, ...] = ("plan-wins", "user-wins")
-# The steps only a worker can decide: the planner writes them, the bootstrap dispatches on them.
+# The steps only a worker can decide: one typed definition of each in optimenv.steps.
 DeferredKind = Literal[
     "nccl_p2p_check",
     "bf16_auto",
@@ -35,7 +35,6 @@ DeferredKind = Literal[
     "deepspeed_zero3_config",
     "parallel_sizes",
 ]
-DEFERRED_KINDS: frozenset[str] = frozenset(get_args(DeferredKind))
 
 #: Variables the launchers own: torchrun, the operators (PyTorchJob, TrainJob), mpirun and Ray Train
 #: set them in every process. A plan never carries one (the renderers refuse it) and the bootstrap
@@ -108,6 +107,10 @@ class SpecError(OptimEnvError):
     """A worker spec that cannot be trusted (bad JSON, wrong kind, hash mismatch)."""
 
 
+class BootstrapError(OptimEnvError):
+    """The bootstrap refuses to start the worker (the message says why and what to do)."""
+
+
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -133,7 +136,7 @@ def build_spec(plan: Plan, *, policy: Policy = "plan-wins") -> WorkerSpec:
         "kind": KIND,
         "policy": policy,
         "env": env,
-        "deferred": [d.to_dict() for d in plan.deferred],
+        "deferred": plan.spec_steps(),
         "deepspeed": plan.deepspeed,
         "deepspeedPath": plan.deepspeed_path,
         "zeroStage": plan.zero_stage,

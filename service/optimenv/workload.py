@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -17,13 +17,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     WithJsonSchema,
 )
 
 from optimenv import names
 from optimenv.errors import ConfigError, shown
-from optimenv.limits import key_text
 from optimenv.plan import Hardware
 from optimenv.versions import parse_version
 
@@ -277,42 +275,3 @@ class JobSpec(BaseModel):
     runtime: Annotated[str | None, _subdomain("ClusterTrainingRuntime name")] = Field(
         None, description="TrainJob only: the ClusterTrainingRuntime to reference (default by config)."
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# pydantic's errors as one line
-
-Model = TypeVar("Model", bound=BaseModel)
-
-# Parts of an error location that pydantic adds for itself (union branches, validators, dict keys).
-_INTERNAL = ("function-", "literal[", "json-or-python", "nullable[", "[key]")
-
-
-def from_validation_error(
-    exc: ValidationError, prefix: str = "", unknown_hint: str | None = None
-) -> ConfigError:
-    """The first of pydantic's errors as a :class:`ConfigError` naming ``prefix.<field path>``."""
-    errors = exc.errors(include_url=False)
-    first = errors[0]
-    path = prefix
-    for part in first["loc"]:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif not part.startswith(_INTERNAL):
-            path += f".{key_text(part)}" if path else key_text(part)
-    message = first["msg"].removeprefix("Value error, ")
-    hint = None
-    if first["type"] == "extra_forbidden":
-        message, hint = "unknown field", unknown_hint
-    more = len(errors) - 1
-    if more:
-        message += f"; {more} more error(s)"
-    return ConfigError(path, message, hint)
-
-
-def parse_model(model: type[Model], data: Any, prefix: str = "", unknown_hint: str | None = None) -> Model:
-    """``model.model_validate(data)``, refusals as one :class:`ConfigError` line."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise from_validation_error(exc, prefix, unknown_hint) from None

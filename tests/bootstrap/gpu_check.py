@@ -18,27 +18,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-from optimenv.plan import SINGLE_GPU_DEFAULTS, Deferred, EnvVar, Plan
+from optimenv.plan import EnvVar, Plan
 from optimenv.spec import build_spec, spec_text
+from optimenv.steps import (
+    SINGLE_GPU_DEFAULTS,
+    Bf16Auto,
+    NcclP2PCheck,
+    RequireFp8,
+    SingleGpuRendezvousDefaults,
+    TorchCompileAuto,
+)
 
 DEFERRED = (
-    Deferred(
-        "nccl_p2p_check",
-        "NCCL_P2P_DISABLE",
-        "default",
-        (("skip_if_set", True), ("value_if_unsupported", "1")),
-    ),
-    Deferred(
-        "bf16_auto", "ACCELERATE_MIXED_PRECISION", "bf16", (("if_supported", "bf16"), ("otherwise", "no"))
-    ),
-    Deferred("require_fp8", None, "fp8"),
-    Deferred("single_gpu_rendezvous_defaults", None, "deepspeed", (("defaults", dict(SINGLE_GPU_DEFAULTS)),)),
-    Deferred(
-        "torch_compile_auto",
-        "ACCELERATE_DYNAMO_BACKEND",
-        "torch_compile",
-        (("min_torch", "2.5.1"), ("value", "INDUCTOR")),
-    ),
+    NcclP2PCheck(),
+    Bf16Auto(otherwise="no"),
+    RequireFp8(),
+    SingleGpuRendezvousDefaults(),
+    TorchCompileAuto("INDUCTOR"),
 )
 KEYS = ("NCCL_P2P_DISABLE", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND", *SINGLE_GPU_DEFAULTS)
 

@@ -16,6 +16,7 @@ import kmock as km
 import pytest
 import yaml
 
+from optimenv.resource import JobStatus
 from optimenv_controller import lifecycle
 from optimenv_controller import reconcile as rc
 from tests.controller.apiserver import ApiServer, eventually, settle
@@ -93,25 +94,31 @@ def test_job_rules() -> None:
     job = rendered_job("PyTorchJob")
     running = {**job, "status": STEPS["PyTorchJob"][2]["status"]}
     done = {**job, "status": STEPS["PyTorchJob"][5]["status"]}
-    record = {"kind": "PyTorchJob", "name": "demo", "uid": "j-1", "observedGeneration": 3}
+    record = JobStatus(
+        kind="PyTorchJob", name="demo", uid="j-1", phase="Pending", reason="", observedGeneration=3
+    )
+
+    def as_(phase: str, **update: Any) -> JobStatus:
+        return record.model_copy(update={"phase": phase, **update})
+
     # An existing job: brought in line while it runs, left alone once it no longer does.
     assert lifecycle.job_action(None, running, 3) == "apply"
-    assert lifecycle.job_action({**record, "phase": "Running"}, done, 3) == "leave"
+    assert lifecycle.job_action(as_("Running"), done, 3) == "leave"
     # An absent job: created the first time, or when a create never landed (no uid recorded).
     assert lifecycle.job_action(None, None, 1) == "create"
-    assert lifecycle.job_action({**record, "uid": None, "phase": "Pending"}, None, 3) == "create"
+    assert lifecycle.job_action(as_("Pending", uid=None), None, 3) == "create"
     # Finished: never again, whatever the generation.
     for phase in ("Succeeded", "Failed"):
-        assert lifecycle.job_action({**record, "phase": phase}, None, 99) == "leave"
+        assert lifecycle.job_action(as_(phase), None, 99) == "leave"
     # Deleted before it finished: only a newer generation brings it back.
     for phase in ("Pending", "Running", "Stopped"):
-        assert lifecycle.job_action({**record, "phase": phase}, None, 3) == "leave"
-        assert lifecycle.job_action({**record, "phase": phase}, None, 4) == "create"
-    stopped = lifecycle.job_record(None, {**record, "phase": "Running", "reason": "PyTorchJobRunning"}, 3)
+        assert lifecycle.job_action(as_(phase), None, 3) == "leave"
+        assert lifecycle.job_action(as_(phase), None, 4) == "create"
+    stopped = lifecycle.job_record(None, as_("Running", reason="PyTorchJobRunning"), 3)
     assert stopped is not None
-    assert (stopped["phase"], stopped["reason"], stopped["uid"]) == ("Stopped", "JobDeleted", "j-1")
+    assert (stopped.phase, stopped.reason, stopped.uid) == ("Stopped", "JobDeleted", "j-1")
     assert lifecycle.job_record(None, stopped, 3) == stopped  # recorded once, then kept as it is
-    finished = {**record, "phase": "Succeeded", "reason": "PyTorchJobSucceeded"}
+    finished = as_("Succeeded", reason="PyTorchJobSucceeded")
     assert lifecycle.job_record(None, finished, 7) == finished
     assert lifecycle.job_record(None, None, 1) is None
 

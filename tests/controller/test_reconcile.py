@@ -24,12 +24,18 @@ def _obj(**spec: Any) -> dict[str, Any]:
     return body
 
 
+def _stored(status: Any) -> dict[str, Any]:
+    """``status`` as the API server keeps it after the controller's merge patch (nulls deleted)."""
+    stored: dict[str, Any] = status.stored()
+    return stored
+
+
 def _converged(obj: dict[str, Any]) -> tuple[dict[str, Any], rc.Desired, dict[rc.ChildKey, Any]]:
     want = rc.desired(obj)
     assert isinstance(want, rc.Desired)
     first = rc.decide(obj, want, {rc.child_key(c): None for c in want.children}, "2026-01-01T00:00:00Z")
     assert first.status is not None
-    obj = {**obj, "status": first.status}
+    obj = {**obj, "status": _stored(first.status)}
     return obj, want, {rc.child_key(c): copy.deepcopy(c) for c in want.children}
 
 
@@ -58,11 +64,11 @@ def test_flip_moves_last_transition_time_only_for_the_flipped_condition() -> Non
     broken["metadata"]["generation"] = 2
     outcome = rc.decide(broken, rc.desired(broken), {}, "2026-01-03T00:00:00Z")
     assert outcome.status is not None and outcome.applies == ()
-    conds = {c["type"]: c for c in outcome.status["conditions"]}
+    conds = {c["type"]: c for c in _stored(outcome.status)["conditions"]}
     assert conds["Valid"]["status"] == "False" and conds["Valid"]["message"].startswith("spec.config.bf16")
     assert conds["Valid"]["lastTransitionTime"] == "2026-01-03T00:00:00Z"
     assert all(c["observedGeneration"] == 2 for c in conds.values())
-    assert outcome.status["plan"] == obj["status"]["plan"]  # the last good plan is kept
+    assert _stored(outcome.status)["plan"] == obj["status"]["plan"]  # the last good plan is kept
     assert [e.reason for e in outcome.events] == ["Invalid"]
 
 
@@ -176,12 +182,12 @@ def test_condition_messages_are_clipped_to_the_crds_max_length() -> None:
     huge = rc.Invalid("InvalidConfig", "spec.config.x: " + "y" * (2 * limit))
     first = rc.decide(obj, huge, {}, "2026-01-01T00:00:00Z")
     assert first.status is not None
-    conds = {c["type"]: c for c in first.status["conditions"]}
+    conds = {c["type"]: c for c in _stored(first.status)["conditions"]}
     for cond in conds.values():
         assert len(cond["message"]) <= limit
     assert len(conds["Valid"]["message"]) == limit and conds["Valid"]["message"].endswith("(truncated)")
     # The clipped message compares equal next time: no status write, no repeated Warning.
-    again = rc.decide({**obj, "status": first.status}, huge, {}, "2026-01-02T00:00:00Z")
+    again = rc.decide({**obj, "status": _stored(first.status)}, huge, {}, "2026-01-02T00:00:00Z")
     assert again == rc.Outcome()
 
 
@@ -193,14 +199,14 @@ def test_refused_child_is_ready_false_with_one_warning_and_the_rest_applied() ->
     outcome = rc.decide(obj, want, {rc.child_key(c): None for c in want.children}, "t0", failure)
     assert [a.verb for a in outcome.applies] == ["Created"] * len(want.children)
     assert outcome.status is not None
-    conds = {c["type"]: c for c in outcome.status["conditions"]}
+    conds = {c["type"]: c for c in _stored(outcome.status)["conditions"]}
     assert (conds["Ready"]["status"], conds["Ready"]["reason"]) == ("False", "Forbidden")
     assert conds["Ready"]["message"] == failure.message
     # The first creation of a new object's children is its status, not an Event; the refusal is.
     assert [(e.type, e.reason) for e in outcome.events] == [("Warning", "Forbidden")]
     # Still refused on the next pass: nothing new to say.
     obj, _, observed = _converged(obj)
-    obj = {**obj, "status": outcome.status}
+    obj = {**obj, "status": _stored(outcome.status)}
     assert rc.decide(obj, want, observed, "t1", failure) == rc.Outcome()
     assert [rc.failure_reason(code) for code in (403, 404, 422, 400)] == [
         "Forbidden",
@@ -232,7 +238,7 @@ def test_the_crd_carries_the_job_entry_and_its_printer_column() -> None:
     observed[rc.child_key(stored)] = stored
     outcome = rc.decide(obj, want, observed, "t0")
     assert outcome.status is not None
-    record = outcome.status["job"]
+    record = _stored(outcome.status)["job"]
     assert record["phase"] == "Failed" and len(record["message"]) == rc.JOB_MESSAGE_MAX
     (event,) = [e for e in outcome.events if e.reason == "JobFailed"]
     assert event.type == "Warning" and len(event.message) <= rc.EVENT_MAX

@@ -88,11 +88,11 @@ def _deepspeed() -> dict[str, Any]:
     }
 
 
-def _zero3_weakref(detail: dict[str, Any]) -> dict[str, Any]:
+def _zero3_weakref(path: str) -> dict[str, Any]:
     from transformers.integrations import HfTrainerDeepSpeedConfig, is_deepspeed_zero3_enabled
 
     before = is_deepspeed_zero3_enabled()
-    held = HfTrainerDeepSpeedConfig(detail["path"])
+    held = HfTrainerDeepSpeedConfig(path)
     alive = is_deepspeed_zero3_enabled()
     out = {"before": before, "alive": alive, "stage": held.get_value("zero_optimization.stage")}
     del held
@@ -110,7 +110,8 @@ def probe(deferred: list[dict[str, Any]]) -> dict[str, Any]:
     # Taken first: AcceleratorState below selects the DeepSpeed plugin, which registers its own.
     for step in deferred:
         if step["kind"] == "deepspeed_zero3_config":
-            result["zero3_weakref"] = _zero3_weakref(step["detail"])
+            # The file the bootstrap builds it from: the planned one, which the environment names.
+            result["zero3_weakref"] = _zero3_weakref(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
 
     plugins: dict[str, Any] = {}
     # The same switches, compared the same way, as Accelerator.__init__.

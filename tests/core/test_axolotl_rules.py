@@ -9,6 +9,7 @@ Citations are files of ``axolotl-ai-cloud/axolotl`` at 067b021c unless marked 0.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from optimenv.config import parse_config
 from optimenv.errors import ConfigError
 from optimenv.parallel import Layout, Sizes
 from optimenv.plan import Hardware, Plan, check_process_count, plan
+from optimenv.steps import ParallelSizes, read_step, to_spec
 
 FSDP2 = {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}}
 
@@ -218,12 +220,13 @@ def test_unknown_process_count_defers_the_inference_to_the_worker() -> None:
     it decides as planning with that count does."""
     config = {**FSDP2, "tensor_parallel_size": 2}
     result = plan(parse_config(config), Hardware())
-    [step] = [d for d in result.deferred if d.kind == "parallel_sizes"]
-    detail = dict(step.detail)
+    [step] = [d for d in result.deferred if isinstance(d, ParallelSizes)]
+    detail = to_spec(step)["detail"]
     assert detail["written"] == {"tp": 2, "cp": 1, "dp_shard": None, "dp_replicate": None, "ep": 1}
     assert detail["layout"]["infer"] is True and detail["layout"]["fsdp_version"] == 2
-    written, layout = parallel.step_inputs(detail)
-    assert parallel.settle(written, 4, layout, "4").inferred == {"dp_shard": 2}
+    # What the worker reads back from the spec is the step the planner made.
+    assert read_step(json.loads(json.dumps(to_spec(step))), 0) == step
+    assert parallel.settle(step.written, 4, step.layout, "4").inferred == {"dp_shard": 2}
     check_process_count(result, 4, "a job of 4")
     with pytest.raises(ConfigError, match="which does not divide the 3 processes"):
         check_process_count(result, 3, "a job of 3")

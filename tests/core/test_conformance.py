@@ -22,6 +22,14 @@ from optimenv import deepspeed as ds
 from optimenv.config import parse_config
 from optimenv.errors import ConfigError
 from optimenv.plan import DEFAULT_DEEPSPEED_PATH, Hardware, Plan, plan
+from optimenv.steps import (
+    Bf16Auto,
+    DeepSpeedZero3Config,
+    NcclP2PCheck,
+    SingleGpuRendezvousDefaults,
+    TorchCompileAuto,
+    to_spec,
+)
 
 # One node of 8 bf16 GPUs with a known torch: the common case. fp8 support is left unknown.
 HW = Hardware(nodes=1, gpus_per_node=8, bf16_supported=True, torch_version="2.13.0")
@@ -1536,7 +1544,8 @@ def test_nccl_timeout_is_a_default_not_an_override() -> None:
 def test_nccl_p2p_deferred_detail() -> None:
     """Row 1 (trainer.py:659-662): "1" when the check fails, never over a launcher's value."""
     (step,) = plan(parse_config({"bf16": False}), HW).deferred
-    assert step.to_dict() == {
+    assert step == NcclP2PCheck()
+    assert to_spec(step) == {
         "kind": "nccl_p2p_check",
         "variable": "NCCL_P2P_DISABLE",
         "source": "default",
@@ -1562,16 +1571,17 @@ def test_bf16_auto_deferred_detail(
     """Row 6 with bf16 support unknown: the worker chooses, falling back as Axolotl's resolve_dtype
     does (utils/config/__init__.py:157-167); a worker without a GPU trains in fp32."""
     result = plan(parse_config(config, base_dirs=_corpus_dirs(config, request)), HW_UNKNOWN)
-    step = next(d for d in result.deferred if d.kind == "bf16_auto")
-    assert (step.variable, step.source, dict(step.detail)) == ("ACCELERATE_MIXED_PRECISION", "bf16", detail)
+    step = next(d for d in result.deferred if isinstance(d, Bf16Auto))
+    assert (step.variable, step.source, step.detail()) == ("ACCELERATE_MIXED_PRECISION", "bf16", detail)
     assert "ACCELERATE_MIXED_PRECISION" not in result.env_dict
 
 
 def test_torch_compile_auto_deferred_detail() -> None:
     """D16: the worker exports the backend iff its torch is >= 2.5.1 (config.py:2040-2063)."""
     result = plan(parse_config({"torch_compile": "auto", "torch_compile_backend": "eager"}), HW_UNKNOWN)
-    step = next(d for d in result.deferred if d.kind == "torch_compile_auto")
-    assert (step.variable, dict(step.detail)) == (
+    step = next(d for d in result.deferred if isinstance(d, TorchCompileAuto))
+    assert step == TorchCompileAuto("EAGER")
+    assert (step.variable, step.detail()) == (
         "ACCELERATE_DYNAMO_BACKEND",
         {"value": "EAGER", "min_torch": "2.5.1"},
     )
@@ -1580,8 +1590,8 @@ def test_torch_compile_auto_deferred_detail() -> None:
 def test_single_gpu_defaults_detail() -> None:
     """D13: rendezvous defaults as setdefaults (trainer.py:562-584), never forced."""
     result = plan(parse_config({"deepspeed": "zero2"}), HW_ONE_GPU)
-    step = next(d for d in result.deferred if d.kind == "single_gpu_rendezvous_defaults")
-    assert dict(step.detail) == {
+    step = next(d for d in result.deferred if isinstance(d, SingleGpuRendezvousDefaults))
+    assert step.detail() == {
         "defaults": {
             "WORLD_SIZE": "1",
             "LOCAL_RANK": "0",
@@ -1592,11 +1602,12 @@ def test_single_gpu_defaults_detail() -> None:
     }
 
 
-def test_zero3_config_deferred_points_at_the_planned_file() -> None:
-    """D10: the bootstrap keeps HfTrainerDeepSpeedConfig alive, built from the file workers read."""
+def test_zero3_config_deferred_uses_the_planned_file() -> None:
+    """D10: the bootstrap keeps HfTrainerDeepSpeedConfig alive, built from the file workers read: the
+    plan's DeepSpeed path (the spec's deepspeedPath), which the step does not repeat."""
     result = plan(parse_config({"deepspeed": "zero3"}), HW, deepspeed_path="/mnt/ds/zero3.json")
-    step = next(d for d in result.deferred if d.kind == "deepspeed_zero3_config")
-    assert dict(step.detail) == {"path": "/mnt/ds/zero3.json"}
+    step = next(d for d in result.deferred if isinstance(d, DeepSpeedZero3Config))
+    assert to_spec(step)["detail"] == {}
     assert result.env_dict["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == "/mnt/ds/zero3.json"
     assert result.deepspeed_path == "/mnt/ds/zero3.json"
     assert result.zero_stage == 3

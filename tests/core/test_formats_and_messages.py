@@ -16,6 +16,9 @@ import yaml
 from optimenv.config import config_format, load_config, parse_config, reading_as
 from optimenv.errors import ConfigError
 from optimenv.plan import Hardware, plan
+from optimenv.resource import parse_spec
+from optimenv.validation import parse_model
+from optimenv.workload import Topology
 from optimenv_controller.reconcile import Desired, Invalid, desired
 from tests.core.conftest import Cli
 
@@ -95,6 +98,30 @@ def test_every_invalid_value_is_named_on_one_line() -> None:
     assert text.startswith("bf16: must be 'auto' or true/false (got 'maybe'); fp16: ")
     assert "; tensor_parallel_size: Input should be greater than or equal to 1 (got 0)" in text
     assert "more error" not in text
+
+
+def test_the_resource_and_the_job_are_read_like_the_config() -> None:
+    """One translator for every model: each refused field named (under spec. for the resource), what
+    it got echoed clipped, an unknown field with its hint, all on one line."""
+    spec = {
+        "config": {},
+        "topology": {"nodes": 0, "gpusPerNode": "x" * 10_000},
+        "job": {"target": "slurm", "image": "i", "tolerations": ["gpu"]},
+        "policy": 3,
+        "bogus": 1,
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_spec(spec)
+    assert str(info.value) == (
+        "spec.topology.nodes: Input should be greater than or equal to 1 (got 0); "
+        f"spec.topology.gpusPerNode: Input should be a valid integer (got '{'x' * 56}...); "
+        "spec.policy: Input should be 'plan-wins' or 'user-wins' (got 3); "
+        "spec.job.target: Input should be 'rayjob', 'pytorchjob' or 'trainjob' (got 'slurm'); "
+        "spec.job.tolerations[0]: Input should be a valid dictionary (got 'gpu'); "
+        "spec.bogus: unknown field (check its spelling in `kubectl explain optimenv.spec`)"
+    )
+    with pytest.raises(ConfigError, match=r"^nodes: .*; gpus_per_node: Input should be a valid integer"):
+        parse_model(Topology, {"nodes": 0, "gpus_per_node": "2x"})
 
 
 def test_errors_past_ten_are_counted() -> None:

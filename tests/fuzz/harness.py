@@ -31,7 +31,8 @@ from optimenv.config import TrainingConfig, parse_config, parse_yaml
 from optimenv.errors import MESSAGE_MAX, OptimEnvError
 from optimenv.plan import Hardware, Plan, plan
 from optimenv.spec import build_spec, content_hash, deepspeed_text
-from optimenv.workload import TARGETS, JobSpec, Topology, parse_model
+from optimenv.validation import parse_model
+from optimenv.workload import TARGETS, JobSpec, Topology
 from optimenv_controller import reconcile as rc
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,6 +7,9 @@ planned variables, the DeepSpeed JSON, the worker count in the launch line) is w
 :func:`optimenv.compile` says. ``optimenv run`` with the RayJob's worker count launches the same
 spec. A corpus config naming a DeepSpeed file gets its JSON inline, so the controller (which cannot
 read the workers' files) sees the same config as the CLI.
+
+The deferred steps too: the bootstrap reads back the planner's typed steps from the mounted spec,
+and a worker decides them as the planner decides when it is told what the worker knows.
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ from optimenv.cli.ray_launch import ray_launch_command
 from optimenv.compiler import Job, compile
 from optimenv.config import load_config, parse_config
 from optimenv.deepspeed import PRESETS
-from optimenv.errors import ConfigError
+from optimenv.errors import ConfigError, OptimEnvError
 from optimenv.local_run import RunRequest
 from optimenv.render import CONTENT_HASH_ANNOTATION
 from optimenv.resource import API_VERSION, KIND
 from optimenv.spec import SPEC_PATH, content_hash, verify_spec
+from optimenv.steps import Worker, read_step
 from optimenv.workload import TARGETS, JobSpec, Target, Topology, local_topology
 from optimenv_controller import reconcile as rc
 from tests.conftest import REPO, SHARED
+from tests.machine import Machine
 
 NAME, NAMESPACE = "par", "ml"
 IMAGE = "registry.example.com/train:1.0"
@@ -99,7 +104,9 @@ def _controller(config: Any, target: Target, nodes: int, gpus: int) -> tuple[Out
         assert want.reason == "InvalidConfig"
         # The controller names a config key where the object has it: under spec.config.
         return Outcome(error=want.message.replace("spec.config.", "", 1)), {}
-    return Outcome(objects=[_unowned(child) for child in want.children]), want.summary
+    return Outcome(objects=[_unowned(child) for child in want.children]), want.summary.model_dump(
+        exclude_none=True
+    )
 
 
 def _unowned(child: dict[str, Any]) -> dict[str, Any]:
@@ -167,6 +174,9 @@ def _check_launch(job: Job, objects: list[dict[str, Any]]) -> None:
     """What the job launches is what compile() derived: spec, variables, DeepSpeed JSON, workers."""
     spec_cm = _configmap(objects, job.spec_configmap)
     assert spec_cm is not None and verify_spec(json.loads(spec_cm["spec.json"])) == job.spec
+    # The bootstrap reads back the very steps the planner made, field for field.
+    read = [read_step(entry, i) for i, entry in enumerate(json.loads(spec_cm["spec.json"])["deferred"])]
+    assert read == list(job.plan.deferred)
     assert (
         _configmap(objects, job.env_configmap) == job.env == {e["name"]: e["value"] for e in job.spec["env"]}
     )
@@ -322,3 +332,52 @@ def test_run_launches_what_compile_derives(
     )
     assert (request.workers, request.spec, request.cpu) == (4, job.spec, True)
     assert json.loads(out)["planned"] == sorted(job.env)
+
+
+# Workers of each topology: what the planner may or may not have been told about them.
+MACHINES = (Machine(bf16=True, torch="2.7.1"), Machine(bf16=False, torch="2.5.1rc1"))
+
+
+def _on_worker(job: Job, machine: Machine, environ: dict[str, str]) -> dict[str, str] | str:
+    """The job's variables once a worker of ``machine`` has decided its steps (or why it refuses)."""
+    env = dict(job.env)
+    worker = Worker(environ, machine, True, job.plan.deepspeed_path)
+    try:
+        for step in job.plan.deferred:
+            for setting in step.decide(worker)[1]:
+                assert setting.name not in env, setting  # the bootstrap refuses a variable planned twice
+                if setting.mode == "set" or setting.name not in environ:
+                    env[setting.name] = setting.value
+    except OptimEnvError as exc:
+        return str(exc)
+    return env
+
+
+def _decides_alike(config: Any) -> int:
+    """A plan told the machines, decided on them, sets what a plan told nothing, decided there, sets;
+    the number of cases compared."""
+    try:
+        blind = compile(parse_config(config), Topology(nodes=None, gpus_per_node=None), "configmaps")
+    except ConfigError:
+        return 0
+    compared = 0
+    for (nodes, gpus), machine in ((t, m) for t in TOPOLOGIES for m in MACHINES):
+        told = Topology(
+            nodes=nodes, gpus_per_node=gpus, bf16_supported=machine.bf16, torch_version=machine.torch
+        )
+        try:
+            known = compile(parse_config(config), told, "configmaps")
+        except ConfigError:
+            continue  # refused when planned: what the worker does with it is never asked
+        environ = {"WORLD_SIZE": str(nodes * gpus), "LOCAL_WORLD_SIZE": str(gpus)}
+        worker = machine._replace(gpus=gpus)
+        assert _on_worker(blind, worker, environ) == _on_worker(known, worker, environ), (nodes, gpus)
+        compared += 1
+    return compared
+
+
+def test_workers_decide_as_the_planner_would(corpus: Path) -> None:
+    """Every deferred step is decided on the worker by the planner's own rules: for every example and
+    corpus config, what the worker sets equals what planning with the worker's facts sets."""
+    configs = [_inline(p, p.parent) for p in _examples()] + [_inline(p, corpus) for p in _corpus()]
+    assert sum(_decides_alike(config) for config in configs) > len(configs)

@@ -8,7 +8,8 @@ import pytest
 
 from optimenv.cli import main
 from optimenv.errors import ConfigError
-from optimenv.workload import JobSpec, parse_model
+from optimenv.validation import parse_model
+from optimenv.workload import JobSpec
 from tests.render.conftest import EXAMPLES, compiled
 
 BASE: dict[str, Any] = {"target": "pytorchjob", "image": "img:1", "command": ["python", "train.py"]}

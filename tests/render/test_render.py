@@ -13,7 +13,8 @@ from optimenv.errors import ConfigError, OptimEnvError
 from optimenv.plan import EnvVar
 from optimenv.render import CONTENT_HASH_ANNOTATION, Request, object_name, render
 from optimenv.spec import build_spec, content_hash, verify_spec
-from optimenv.workload import TARGETS, JobSpec, Topology, parse_model
+from optimenv.validation import parse_model
+from optimenv.workload import TARGETS, JobSpec, Topology
 from tests.render.conftest import EXAMPLES, compiled, config_of, plan_example, target_of
 from tests.render.validators import Validator
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import yaml
 
 from optimenv.bootstrap.ray import LaunchError, MetricsRecord, WorkerReport, check_capacity
 from optimenv.config import parse_config
 from optimenv.errors import OptimEnvError
-from optimenv.local_run import Timings, build_report, loss_summary, report_text
+from optimenv.local_run import Timings, build_report, format_report, loss_summary, report_text
 from optimenv.plan import Hardware, plan
 
 
@@ -95,3 +98,14 @@ def test_the_report_shows_nodes_and_the_loss_trend() -> None:
     reports[1] = _report(1, 0, None, node=1, losses=(5.5, 3.0))
     text = report_text(build_report(result, reports, Timings(), use_gpu=False))
     assert "rank 0 (node 0 of 2):" in text and "rank 1 (node 1 of 2):" in text
+
+
+def test_the_report_reads_the_same_as_json_and_yaml() -> None:
+    config = parse_config({"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}})
+    result = plan(config, Hardware(nodes=1, gpus_per_node=2))
+    reports = [_report(rank, 0, None, losses=(5.5, 2.75)) for rank in (0, 1)]
+    report = build_report(result, reports, Timings(), use_gpu=False)
+    as_json = json.loads(format_report(report, "json"))
+    assert as_json["workers"][1]["rank"] == 1
+    assert yaml.safe_load(format_report(report, "yaml")) == as_json
+    assert format_report(report, "text") == report_text(report)

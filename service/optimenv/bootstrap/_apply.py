@@ -11,20 +11,15 @@ import json
 import os
 import sys
 from collections.abc import Mapping, MutableMapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 from optimenv import limits
 from optimenv.bootstrap import _probe
 from optimenv.errors import OptimEnvError, shown
-from optimenv.spec import (
-    DEFERRED_KINDS,
-    LAUNCHER_VARIABLES,
-    SPEC_ENV,
-    SPEC_PATH,
-    SpecError,
-    set_by_launcher,
-    verify_spec,
-)
+from optimenv.spec import SPEC_ENV, SPEC_PATH, SpecError, set_by_launcher, verify_spec
+from optimenv.spec import BootstrapError as BootstrapError  # the bootstrap's own error, defined with the spec
+from optimenv.steps import Decision as Decision  # one per deferred step in Applied.decisions
+from optimenv.steps import DeepSpeedZero3Config, Deferred, Setting, Worker, read_step
 
 # transformers keeps only a weakref to its DeepSpeed config; these strong references keep
 # is_deepspeed_zero3_enabled() true for the life of the process (Axolotl's D10).
@@ -51,10 +46,6 @@ def cpu_variables(environ: Mapping[str, str], source: str, *, cpu: bool | None =
     return ((CPU_VARIABLE, "true", source),)
 
 
-class BootstrapError(OptimEnvError):
-    """The bootstrap refuses to start the worker (the message says why and what to do)."""
-
-
 # The records are NamedTuples: importing dataclasses and building frozen dataclasses cost the exec
 # path ~10 ms, a third of a bare interpreter start (bench/bootstrap_bench.py).
 
@@ -70,15 +61,6 @@ class Variable(NamedTuple):
     value: str
     planned: str
     source: str
-    reason: str
-
-
-class Decision(NamedTuple):
-    """A deferred step as decided on this worker; ``value`` is what it set (``None``: nothing)."""
-
-    kind: str
-    variable: str | None
-    value: str | None
     reason: str
 
 
@@ -142,13 +124,6 @@ class Applied(NamedTuple):
             "inProcess": self.in_process,
             "zero3ConfigAlive": self.zero3_config is not None,
         }
-
-
-class _Want(NamedTuple):
-    name: str
-    value: str
-    source: str
-    mode: Literal["set", "default"]
 
 
 SpecArg = str | os.PathLike[str] | Mapping[str, Any] | None
@@ -226,7 +201,7 @@ def apply_spec(
     the mode itself needs, as ``(name, value, source)`` (Ray on CPU: ``ACCELERATE_USE_CPU``).
     """
     doc, path = load_spec(spec, environ)
-    wants, deferred = _parse(doc)
+    wants, steps = _parse(doc)
     key = (str(doc["hash"]), in_process, deepspeed_path)
     previous = _APPLIED.get(key)
     if previous is not None and previous[0] is environ and previous[1].holds_in(environ):
@@ -235,25 +210,10 @@ def apply_spec(
 
     ds_path = _check_deepspeed(doc, deepspeed_path)
     if deepspeed_path is not None:
-        wants = [
-            _Want(w.name, deepspeed_path, w.source, w.mode)
-            if w.name == "ACCELERATE_DEEPSPEED_CONFIG_FILE" and w.value == doc["deepspeedPath"]
-            else w
-            for w in wants
-        ]
-    wants += [_Want(name, value, source, "set") for name, value, source in extra]
-
-    decisions: list[Decision] = []
-    zero3: object | None = None
-    for i, step in enumerate(deferred):
-        try:
-            decision, more = _decide(step, environ, ds_path=ds_path, in_process=in_process)
-        except KeyError as exc:
-            raise SpecError(f"spec.deferred[{i}].detail: {step['kind']} needs {shown(exc.args[0])}") from None
-        if step["kind"] == "deepspeed_zero3_config" and in_process and ds_path is not None:
-            zero3 = _zero3_config(ds_path)
-        decisions.append(decision)
-        wants += more
+        wants = [_local_deepspeed(w, doc["deepspeedPath"], deepspeed_path) for w in wants]
+    wants += [Setting(name, value, source) for name, value, source in extra]
+    decisions, more, zero3 = _decide(steps, Worker(environ, _probe, in_process, ds_path))
+    wants += more
 
     _check_wants(wants)
     assigned, kept = _resolve(wants, environ, policy=str(doc["policy"]))
@@ -267,7 +227,7 @@ def apply_spec(
         policy=str(doc["policy"]),
         assigned=tuple(assigned),
         kept=tuple(kept),
-        decisions=tuple(decisions),
+        decisions=decisions,
         deepspeed_path=ds_path,
         in_process=in_process,
         zero3_config=zero3,
@@ -276,7 +236,32 @@ def apply_spec(
     return result
 
 
-def _check_wants(wants: list[_Want]) -> None:
+def _local_deepspeed(want: Setting, planned: Any, local: str) -> Setting:
+    """The DeepSpeed file variable pointed at the worker-local copy (Ray mode)."""
+    if want.name == "ACCELERATE_DEEPSPEED_CONFIG_FILE" and want.value == planned:
+        return want._replace(value=local)
+    return want
+
+
+def _decide(
+    steps: list[Deferred], worker: Worker
+) -> tuple[tuple[Decision, ...], list[Setting], object | None]:
+    """Every deferred step decided on this worker: the decisions, the variables they add, and the
+    ZeRO-3 config to hold (built here, where transformers may be imported)."""
+    decisions: list[Decision] = []
+    wants: list[Setting] = []
+    zero3: object | None = None
+    for step in steps:
+        decision, sets = step.decide(worker)
+        if isinstance(step, DeepSpeedZero3Config) and step.holds_config(worker):
+            assert worker.deepspeed_path is not None  # holds_config says so
+            zero3 = _zero3_config(worker.deepspeed_path)
+        decisions.append(decision)
+        wants += sets
+    return tuple(decisions), wants, zero3
+
+
+def _check_wants(wants: list[Setting]) -> None:
     """Every variable, the deferred steps' included, is writable and planned once."""
     seen: set[str] = set()
     for want in wants:
@@ -306,8 +291,20 @@ def _write(assigned: list[Variable], environ: MutableMapping[str, str]) -> None:
         raise
 
 
-def _parse(doc: Mapping[str, Any]) -> tuple[list[_Want], list[dict[str, Any]]]:
-    wants: list[_Want] = []
+def _parse(doc: Mapping[str, Any]) -> tuple[list[Setting], list[Deferred]]:
+    """The spec's planned variables and its deferred steps, each checked."""
+    deferred = doc.get("deferred")
+    if not isinstance(deferred, list):
+        raise SpecError("spec.deferred: must be a list")
+    steps = [read_step(entry, i) for i, entry in enumerate(deferred)]
+    for i, step in enumerate(steps):
+        if step.variable is not None:
+            _check_variable(f"spec.deferred[{i}].variable", step.variable, "")
+    return _parse_env(doc), steps
+
+
+def _parse_env(doc: Mapping[str, Any]) -> list[Setting]:
+    wants: list[Setting] = []
     env = doc.get("env")
     if not isinstance(env, list):
         raise SpecError("spec.env: must be a list of {name, value, source, mode}")
@@ -329,22 +326,8 @@ def _parse(doc: Mapping[str, Any]) -> tuple[list[_Want], list[dict[str, Any]]]:
                 f"spec.env[{i}]: {limits.key_text(name)} is listed twice, so which value wins is undefined; "
                 "render the spec again with optimenv"
             )
-        wants.append(_Want(name, entry["value"], entry["source"], entry["mode"]))
-    deferred = doc.get("deferred")
-    if not isinstance(deferred, list):
-        raise SpecError("spec.deferred: must be a list")
-    for i, step in enumerate(deferred):
-        if not isinstance(step, dict) or not isinstance(step.get("detail"), dict):
-            raise SpecError(f"spec.deferred[{i}]: must be {{kind, variable, source, detail}}")
-        variable = step.get("variable")
-        if variable is not None:
-            _check_variable(f"spec.deferred[{i}].variable", variable if isinstance(variable, str) else "", "")
-        if step.get("kind") not in DEFERRED_KINDS:
-            raise SpecError(
-                f"spec.deferred[{i}].kind: {shown(step.get('kind'))} is unknown to this bootstrap; "
-                "install the optimenv version that rendered the spec in the worker image"
-            )
-    return wants, deferred
+        wants.append(Setting(name, entry["value"], entry["source"], entry["mode"]))
+    return wants
 
 
 def _check_variable(where: str, name: str, value: str) -> None:
@@ -450,133 +433,6 @@ def _json_text(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-# Over 60 lines: one branch per deferred kind, kept together until each kind gets one typed definition
-# shared with the planner (issue 17, phase B), which splits this dispatch.
-def _decide(
-    step: Mapping[str, Any], environ: Mapping[str, str], *, ds_path: str | None, in_process: bool
-) -> tuple[Decision, list[_Want]]:
-    kind = str(step["kind"])
-    variable = step.get("variable")
-    source = str(step.get("source") or kind)
-    detail: Mapping[str, Any] = step["detail"]
-
-    if kind == "nccl_p2p_check":
-        var = str(variable or "NCCL_P2P_DISABLE")
-        if detail.get("skip_if_set", True) and var in environ:
-            return Decision(kind, var, None, f"{var} already set by the environment"), []
-        supported, why = _probe.p2p_supported(environ)
-        if supported is False:
-            value = str(detail.get("value_if_unsupported", "1"))
-            return Decision(kind, var, value, why), [_Want(var, value, source, "set")]
-        return Decision(kind, var, None, why), []
-
-    if kind == "bf16_auto":
-        var = str(variable or "ACCELERATE_MIXED_PRECISION")
-        supported, why = _probe.bf16_supported(environ)
-        value = str(detail["if_supported"] if supported else detail["otherwise"])
-        if not supported and "without_gpu" in detail and _probe.cuda_device_count(environ)[0] == 0:
-            value = str(detail["without_gpu"])  # Accelerate refuses fp16 without a GPU
-        required = detail.get("deepspeed_requires")
-        if required and value != required:
-            raise BootstrapError(
-                f"bf16: auto resolves to {shown(value)} on this worker ({why}), but the DeepSpeed JSON "
-                f'sets {required}.enabled: true; set it to "auto" in the JSON, or run on GPUs that '
-                f"support {required}"
-            )
-        return Decision(kind, var, value, why), [_Want(var, value, source, "set")]
-
-    if kind == "torch_compile_auto":
-        var = str(variable or "ACCELERATE_DYNAMO_BACKEND")
-        new_enough, why = _probe.torch_at_least(str(detail.get("min_torch", "0")))
-        if not new_enough:
-            return Decision(kind, var, None, f"{why}: torch_compile stays off"), []
-        value = str(detail["value"])
-        return Decision(kind, var, value, why), [_Want(var, value, source, "set")]
-
-    if kind == "require_fp8":
-        capability, why = _probe.min_compute_capability(environ)
-        if capability is None or capability < (8, 9):
-            raise BootstrapError(
-                f"fp8: requested, but this worker cannot run it ({why}); fp8 needs GPUs of compute "
-                "capability >= 8.9: remove fp8 from the config or schedule on such GPUs"
-            )
-        return Decision(kind, variable, None, why), []
-
-    if kind == "single_gpu_rendezvous_defaults":
-        defaults = detail.get("defaults")
-        if not isinstance(defaults, dict) or not set(defaults) <= LAUNCHER_VARIABLES:
-            raise SpecError(
-                "spec.deferred: single_gpu_rendezvous_defaults.defaults must name rendezvous variables"
-            )
-        world = environ.get("WORLD_SIZE")
-        if world not in (None, "1"):
-            return Decision(kind, None, None, f"WORLD_SIZE={world} set by the launcher"), []
-        count, why = _probe.cuda_device_count(environ)
-        if count != 1:
-            return Decision(kind, None, None, f"not a single-GPU run ({why})"), []
-        wants = [_Want(k, str(v), f"{source} (single GPU)", "default") for k, v in defaults.items()]
-        missing = [w.name for w in wants if w.name not in environ]
-        return Decision(kind, None, None, f"one GPU: defaults for {', '.join(missing) or 'nothing'}"), wants
-
-    if kind == "parallel_sizes":
-        return _parallel_sizes(detail, environ, source)
-
-    # deepspeed_zero3_config
-    if in_process:
-        why = (
-            f"HfTrainerDeepSpeedConfig({ds_path}) held for this process: is_deepspeed_zero3_enabled() is true"
-        )
-    else:
-        why = (
-            "exec mode: no object survives exec; the training process keys on "
-            "ACCELERATE_DEEPSPEED_ZERO_STAGE=3 (Accelerate and TrainingArguments build the config there)"
-        )
-    return Decision(kind, None, None, why), []
-
-
-def _parallel_sizes(
-    detail: Mapping[str, Any], environ: Mapping[str, str], source: str
-) -> tuple[Decision, list[_Want]]:
-    """Axolotl's loader inference and Accelerate's checks for this worker's process count (C29)."""
-    from optimenv import parallel  # only specs with this step pay for the import
-
-    kind = "parallel_sizes"
-    try:
-        written, layout = parallel.step_inputs(detail)
-    except ValueError as exc:
-        raise SpecError(f"spec.deferred: parallel_sizes.detail: {exc}") from None
-    world, how = _world_size(environ)
-    if world is None:
-        return Decision(kind, None, None, f"{how}: the sizes stay as written; Accelerate checks them"), []
-    try:
-        settled = parallel.settle(written, world, layout, how)
-    except OptimEnvError as exc:
-        raise BootstrapError(str(exc)) from None
-    wants = [
-        _Want(parallel.VARIABLES[axis], str(size), f"{layout.names[axis]} (inferred)", "set")
-        for axis, size in settled.inferred.items()
-    ]
-    shown = ", ".join(f"{w.name}={w.value}" for w in wants) or "nothing to infer"
-    return Decision(kind, None, None, f"{how}: {shown}"), wants
-
-
-def _world_size(environ: Mapping[str, str]) -> tuple[int | None, str]:
-    """The job's process count as the launcher or operator states it, and how that was found out.
-
-    ``PET_NNODES`` x ``PET_NPROC_PER_NODE`` (the Kubeflow operators, read by torchrun) comes first:
-    in a pod's entrypoint ``WORLD_SIZE`` may count nodes, not processes.
-    """
-    nodes, per_node = environ.get("PET_NNODES", ""), environ.get("PET_NPROC_PER_NODE", "")
-    if nodes.isdigit() and per_node.isdigit() and int(nodes) * int(per_node) > 0:
-        return int(nodes) * int(
-            per_node
-        ), f"{nodes} node(s) x {per_node} processes (PET_NNODES, PET_NPROC_PER_NODE)"
-    world = environ.get("WORLD_SIZE", "")
-    if world.isdigit() and int(world) > 0:
-        return int(world), f"WORLD_SIZE={world}"
-    return None, "the process count is unknown here (no WORLD_SIZE, PET_NNODES x PET_NPROC_PER_NODE)"
-
-
 def _zero3_config(path: str) -> object:
     try:
         from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
@@ -590,7 +446,7 @@ def _zero3_config(path: str) -> object:
 
 
 def _resolve(
-    wants: list[_Want], environ: Mapping[str, str], *, policy: str
+    wants: list[Setting], environ: Mapping[str, str], *, policy: str
 ) -> tuple[list[Variable], list[Variable]]:
     assigned: list[Variable] = []
     kept: list[Variable] = []

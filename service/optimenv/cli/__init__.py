@@ -61,7 +61,7 @@ def _spec() -> click.Command:
 
 
 def _crd() -> click.Command:
-    from optimenv.resource import crd_command
+    from optimenv.cli.crd import crd_command
 
     return crd_command
 

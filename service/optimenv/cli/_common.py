@@ -14,7 +14,8 @@ from optimenv.errors import ConfigError
 from optimenv.limits import read_stream
 from optimenv.plan import DEFAULT_DEEPSPEED_PATH, Hardware
 from optimenv.spec import POLICIES
-from optimenv.workload import Topology, parse_model
+from optimenv.validation import parse_model
+from optimenv.workload import Topology
 
 F = TypeVar("F", bound=Callable[..., Any])
 

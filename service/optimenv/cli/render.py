@@ -18,7 +18,8 @@ from optimenv.config import TrainingConfig
 from optimenv.errors import ConfigError
 from optimenv.limits import json_problem, load_json
 from optimenv.plan import ProcessCountError
-from optimenv.workload import TARGETS, JobSpec, Target, Topology, check_target, parse_model
+from optimenv.validation import parse_model
+from optimenv.workload import TARGETS, JobSpec, Target, Topology, check_target
 
 
 def _pairs(option: str, values: tuple[str, ...]) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from optimenv.cli._common import log_option, read_config
 from optimenv.compiler import compile
 from optimenv.config import TrainingConfig
 from optimenv.errors import OptimEnvError
-from optimenv.local_run import RunRequest, Timings, build_report, report_text, run_workers
+from optimenv.local_run import RunRequest, Timings, build_report, format_report, run_workers
 from optimenv.train_tiny import DEFAULT_STEPS
 from optimenv.workload import DEFAULT_LOCAL_WORKERS, local_topology
 
@@ -34,7 +33,9 @@ DEFAULT_SCRIPT = "optimenv.train_tiny"
 )
 @click.option("--cpu", is_flag=True, help="CPU workers even if the cluster has GPUs.")
 @log_option
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "-o", "--output", type=click.Choice(["text", "json", "yaml"]), default="text", show_default=True
+)
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def run_command(
     config: str,
@@ -69,10 +70,7 @@ def run_command(
             reports, use_gpu = run_workers(launched, console, timings)
     timings.total_s = time.perf_counter() - timings.started
     report = build_report(job.plan, reports, timings, use_gpu, log)
-    if output == "json":
-        click.echo(json.dumps(report, indent=2, sort_keys=True))
-    else:
-        click.echo(report_text(report), nl=False)
+    click.echo(format_report(report, output), nl=False)
 
 
 def _script(
