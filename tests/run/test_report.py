@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -60,24 +61,30 @@ def _report(
     return WorkerReport(rank, rank, 2, node, code, None, None, metrics, error, finished_at=1.0 + rank)
 
 
-def test_workers_that_failed_the_same_way_share_one_section() -> None:
+def test_the_first_failure_is_shown_whole_and_later_ones_in_a_line() -> None:
     error = LaunchError(
         "worker 0 failed first (exit 1)",
         [
             _report(0, 1, "Traceback ...\nValueError: boom"),
             _report(1, 1, "Traceback ...\nValueError: boom"),
-            _report(2, 3, "the script exited with 3"),
+            _report(2, 1, "Traceback ...\n  File x\nRuntimeError: Connection closed by peer\n"),
             _report(3, 0, None),
         ],
         1,
     )
+    # Workers 0 and 1 failed alike, first: one section; worker 2 broke after them (a torn collective).
     assert error.failure_lines() == [
         "--- workers 0, 1 (exit 1) ---",
         "Traceback ...",
         "ValueError: boom",
-        "--- worker 2 (exit 3) ---",
-        "the script exited with 3",
+        "--- worker 2 (exit 1), after workers 0, 1: RuntimeError: Connection closed by peer",
     ]
+    # Ordered by when each failed, not by rank: the cause comes first.
+    later = [
+        dataclasses.replace(_report(0, 1, "Traceback ...\nRuntimeError: peer gone"), finished_at=9.0),
+        _report(1, 3, "the script exited with 3"),
+    ]
+    assert LaunchError("", later, 3).failure_lines()[0] == "--- worker 1 (exit 3) ---"
 
 
 def test_loss_summary_first_last_and_change() -> None:

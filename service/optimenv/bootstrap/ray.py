@@ -91,16 +91,29 @@ class LaunchError(Exception):
         self.exit_code = exit_code
 
     def failure_lines(self) -> list[str]:
-        """Each failing worker's error, once: workers that failed the same way share one section."""
+        """The first failure in full, as its cause; workers that failed the same way share it.
+
+        A worker that failed later, another way, gets one line (its error's last): its traceback is
+        usually the collective that broke when the first one left (the report keeps it whole).
+        """
+        failed = sorted(
+            (r for r in self.reports if r.exit_code != 0 and r.finished_at is not None),
+            key=lambda r: r.finished_at or 0.0,
+        )
         by_error: dict[tuple[int, str], list[int]] = {}
-        for r in self.reports:
-            if r.exit_code != 0 and r.finished_at is not None:
-                by_error.setdefault((r.exit_code, (r.error or "").rstrip()), []).append(r.rank)
-        lines = []
+        for r in failed:
+            by_error.setdefault((r.exit_code, (r.error or "").rstrip()), []).append(r.rank)
+        lines: list[str] = []
+        first = ""
         for (code, error), ranks in by_error.items():
             who = f"worker {ranks[0]}" if len(ranks) == 1 else f"workers {', '.join(map(str, ranks))}"
-            lines.append(f"--- {who} (exit {code}) ---")
-            lines.extend(error.splitlines())
+            if not first:
+                first = who
+                lines.append(f"--- {who} (exit {code}) ---")
+                lines.extend(error.splitlines())
+                continue
+            last = next((line.strip() for line in reversed(error.splitlines()) if line.strip()), "no error")
+            lines.append(f"--- {who} (exit {code}), after {first}: {last}")
         return lines
 
 
