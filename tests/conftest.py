@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -67,32 +68,28 @@ ray.shutdown()
 """
 
 
-@pytest.fixture(scope="session")
-def ray_address() -> Iterator[str]:
-    """A local Ray cluster with 2 CPUs for the whole session; its address (pass it as RAY_ADDRESS).
-
-    Drivers started by tests connect with ``RAY_AUTH_MODE=disabled`` (set above; children inherit it).
-    """
-    # Short path under /tmp: Ray's socket paths must stay under the 107-character limit.
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    log = Path(temp, "head.log")
+@contextlib.contextmanager
+def ray_cluster_process(
+    code: str, temp: str, args: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Run ``code``, a Python script that starts a Ray cluster, prints its address and waits on stdin;
+    yield the address. Stopped by closing stdin; ``temp`` (its log and Ray's files) removed after."""
+    log = Path(temp, "cluster.log")
     with log.open("w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _RAY_HEAD, temp],
+            [sys.executable, "-c", code, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
+            env=env,
         )
     assert proc.stdout is not None and proc.stdin is not None
     address = proc.stdout.readline().strip()
-    if not address:
-        proc.kill()
-        proc.wait()
-        tail = log.read_text()[-2000:]
-        shutil.rmtree(temp, ignore_errors=True)
-        pytest.fail(f"the session's Ray cluster did not start:\n{tail}")
     try:
+        if not address:
+            proc.kill()
+            pytest.fail(f"the test's Ray cluster did not start:\n{log.read_text()[-3000:]}")
         yield address
     finally:
         proc.stdin.close()
@@ -103,3 +100,15 @@ def ray_address() -> Iterator[str]:
             proc.kill()
             proc.wait()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """A local Ray cluster with 2 CPUs for the whole session; its address (pass it as RAY_ADDRESS).
+
+    Drivers started by tests connect with ``RAY_AUTH_MODE=disabled`` (set above; children inherit it).
+    """
+    # Short path under /tmp: Ray's socket paths must stay under the 107-character limit.
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    with ray_cluster_process(_RAY_HEAD, temp, (temp,)) as address:
+        yield address

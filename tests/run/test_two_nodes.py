@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from optimenv import JobSpec, Topology, compile, load_config
+from tests.conftest import ray_cluster_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 OPTIMENV = [sys.executable, "-c", "from optimenv.cli import main; main()"]
@@ -48,25 +48,8 @@ def two_ray_nodes() -> Iterator[str]:
     # A private Ray temp dir also keeps the "current cluster" file Ray writes away from /tmp/ray.
     temp = tempfile.mkdtemp(prefix="ray2-", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": temp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    with (Path(temp) / "cluster.log").open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _TWO_NODES], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-            text=True, env=env,
-        )
-    assert proc.stdout is not None and proc.stdin is not None
-    address = proc.stdout.readline().strip()
-    try:
-        assert address, (Path(temp) / "cluster.log").read_text()[-3000:]
+    with ray_cluster_process(_TWO_NODES, temp, env=env) as address:
         yield address
-    finally:
-        proc.stdin.close()
-        proc.stdout.close()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_workers_on_two_nodes(two_ray_nodes: str) -> None:
@@ -74,7 +57,11 @@ def test_ray_workers_on_two_nodes(two_ray_nodes: str) -> None:
     env.update(RAY_ADDRESS=two_ray_nodes, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     proc = subprocess.run(
         [*OPTIMENV, "run", str(CONFIG), "--workers", "2", "--steps", "5", "-o", "json"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=240,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     workers = json.loads(proc.stdout)["workers"]
