@@ -312,3 +312,28 @@ async def test_namespaced_controller_lists_and_watches_its_namespaces_only(kmock
     }
     assert kmock.writes() and all(r.namespace == NS for r in kmock.writes())
     assert (kmock.obj(OE, "other", "demo") or {}).get("status") is None  # not watched: untouched
+
+
+async def test_status_drops_what_the_spec_no_longer_has(kmock: ApiServer) -> None:
+    kmock.resources["kubeflow.org/v1/pytorchjobs"] = km.ResourceInfo(
+        kind="PyTorchJob",
+        singular="pytorchjob",
+        namespaced=True,
+        verbs={"get", "list", "watch", "create", "patch"},
+    )
+    job = {"target": "pytorchjob", "image": "registry.example/train:1", "command": ["python", "train.py"]}
+    kmock.put_object(OE, optimenv(job=job))
+    async with running_operator(str(kmock.url)):
+        await eventually(lambda: ready(kmock))
+        before = kmock.obj(OE, NS, "demo")
+        assert before is not None and before["status"]["plan"]["target"] == "pytorchjob"
+        assert before["status"]["job"]["kind"] == "PyTorchJob"
+        mark = kmock.count
+        await user_patch(kmock, f"{OE_PATH}/demo", {"spec": {"job": None}})
+        await eventually(lambda: ready(kmock, generation=2))
+    # A merge patch keeps every key it does not name: the controller sends null for what is gone.
+    (status,) = status_writes(kmock.writes(since=mark))
+    assert status.data["status"]["job"] is None and status.data["status"]["plan"]["target"] is None
+    assert all(None not in cond.values() for cond in status.data["status"]["conditions"])
+    after = kmock.obj(OE, NS, "demo")
+    assert after is not None and "job" not in after["status"] and "target" not in after["status"]["plan"]
