@@ -43,8 +43,6 @@ MANAGED_BY = "app.kubernetes.io/managed-by"
 NAME_LABEL = "optimenv.dev/name"
 #: The CRD's maxLength of a condition message (a longer one would make the whole status write fail).
 MESSAGE_MAX = max_length(Condition, "message")
-#: The same for the job's message in status.job.
-JOB_MESSAGE_MAX = lifecycle.JOB_MESSAGE_MAX
 
 #: An Event's message limit (the API server's); longer ones are cut.
 EVENT_MAX = 1024

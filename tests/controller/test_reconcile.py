@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from optimenv.cli import cli
 from optimenv.render import CONFIGMAP_SUFFIXES
+from optimenv_controller import lifecycle
 from optimenv_controller import reconcile as rc
 from optimenv_controller.metrics import Metrics
 from tests.controller.conftest import optimenv
@@ -221,7 +222,7 @@ def test_the_crd_carries_the_job_entry_and_its_printer_column() -> None:
     (version,) = crd["spec"]["versions"]
     job = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["job"]
     assert job["properties"]["phase"]["enum"] == ["Pending", "Running", "Succeeded", "Failed", "Stopped"]
-    assert job["properties"]["message"]["maxLength"] == rc.JOB_MESSAGE_MAX
+    assert job["properties"]["message"]["maxLength"] == lifecycle.JOB_MESSAGE_MAX
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
     assert columns["Job"] == {"name": "Job", "type": "string", "jsonPath": ".status.job.phase"}
     assert columns["Job Reason"]["priority"] == 1
@@ -239,6 +240,6 @@ def test_the_crd_carries_the_job_entry_and_its_printer_column() -> None:
     outcome = rc.decide(obj, want, observed, "t0")
     assert outcome.status is not None
     record = _stored(outcome.status)["job"]
-    assert record["phase"] == "Failed" and len(record["message"]) == rc.JOB_MESSAGE_MAX
+    assert record["phase"] == "Failed" and len(record["message"]) == lifecycle.JOB_MESSAGE_MAX
     (event,) = [e for e in outcome.events if e.reason == "JobFailed"]
     assert event.type == "Warning" and len(event.message) <= rc.EVENT_MAX

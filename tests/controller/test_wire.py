@@ -134,15 +134,22 @@ def _spec_hash(api: ApiServer) -> str:
     return value
 
 
-async def test_job_target_is_applied_and_owned(kmock: ApiServer) -> None:
-    kmock.resources["kubeflow.org/v1/pytorchjobs"] = km.ResourceInfo(
+PYTORCHJOB = {"target": "pytorchjob", "image": "registry.example/train:1", "command": ["python", "train.py"]}
+
+
+def _serve_pytorchjobs(api: ApiServer) -> None:
+    """Make the mock server know PyTorchJobs, as a cluster with the Kubeflow operator does."""
+    api.resources["kubeflow.org/v1/pytorchjobs"] = km.ResourceInfo(
         kind="PyTorchJob",
         singular="pytorchjob",
         namespaced=True,
         verbs={"get", "list", "watch", "create", "patch"},
     )
-    job = {"target": "pytorchjob", "image": "registry.example/train:1", "command": ["python", "train.py"]}
-    kmock.put_object(OE, optimenv(job=job))
+
+
+async def test_job_target_is_applied_and_owned(kmock: ApiServer) -> None:
+    _serve_pytorchjobs(kmock)
+    kmock.put_object(OE, optimenv(job=PYTORCHJOB))
     async with running_operator(str(kmock.url)):
         await eventually(lambda: ready(kmock))
     (applied,) = [r for r in creates(kmock.writes()) if r.url.path.endswith("/pytorchjobs")]
@@ -315,14 +322,8 @@ async def test_namespaced_controller_lists_and_watches_its_namespaces_only(kmock
 
 
 async def test_status_drops_what_the_spec_no_longer_has(kmock: ApiServer) -> None:
-    kmock.resources["kubeflow.org/v1/pytorchjobs"] = km.ResourceInfo(
-        kind="PyTorchJob",
-        singular="pytorchjob",
-        namespaced=True,
-        verbs={"get", "list", "watch", "create", "patch"},
-    )
-    job = {"target": "pytorchjob", "image": "registry.example/train:1", "command": ["python", "train.py"]}
-    kmock.put_object(OE, optimenv(job=job))
+    _serve_pytorchjobs(kmock)
+    kmock.put_object(OE, optimenv(job=PYTORCHJOB))
     async with running_operator(str(kmock.url)):
         await eventually(lambda: ready(kmock))
         before = kmock.obj(OE, NS, "demo")
