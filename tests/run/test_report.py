@@ -79,6 +79,9 @@ def test_the_first_failure_is_shown_whole_and_later_ones_in_a_line() -> None:
         "ValueError: boom",
         "--- worker 2 (exit 1), after workers 0, 1: RuntimeError: Connection closed by peer",
     ]
+    # Ranks that failed alike are listed in rank order, whichever finished first.
+    alike = [dataclasses.replace(_report(0, 1, "boom"), finished_at=5.0), _report(1, 1, "boom")]
+    assert LaunchError("", alike, 1).failure_lines()[0] == "--- workers 0, 1 (exit 1) ---"
     # Ordered by when each failed, not by rank: the cause comes first.
     later = [
         dataclasses.replace(_report(0, 1, "Traceback ...\nRuntimeError: peer gone"), finished_at=9.0),

@@ -106,7 +106,8 @@ class LaunchError(Exception):
         lines: list[str] = []
         first = ""
         for (code, error), ranks in by_error.items():
-            who = f"worker {ranks[0]}" if len(ranks) == 1 else f"workers {', '.join(map(str, ranks))}"
+            # Groups in the order they failed; the ranks of one group in rank order.
+            who = f"worker {ranks[0]}" if len(ranks) == 1 else f"workers {', '.join(map(str, sorted(ranks)))}"
             if not first:
                 first = who
                 lines.append(f"--- {who} (exit {code}) ---")
